@@ -1,0 +1,1 @@
+# training harness (to be merged into common.py)

@@ -1,0 +1,1 @@
+# model blocks and metrics (to be merged into common.py)
