@@ -200,6 +200,11 @@ def read_root(path, start, stop, n_max, features, drops, step=50_000):
     import awkward as ak
     tree = _open_root(path)
     names = set(tree.keys())
+    # uproot >= 5.7 writes a record "part" as an RNTuple field part.px (real JetClass files
+    # are TTrees with branches part_px): accept both, addressed by the TTree names
+    nested = "part_px" not in names and "part" in names
+    if nested:
+        names |= {f"part_{k}" for k in tree.arrays(["part"], entry_stop=1)["part"].fields}
     branches = (FULL_BRANCHES if features == "full" else KIN_BRANCHES) + JET_BRANCHES
     for b in branches:
         if b not in names:
@@ -211,12 +216,15 @@ def read_root(path, start, stop, n_max, features, drops, step=50_000):
     label_idx = np.array([CLASSES.index(b[6:]) for b in labels])
     for a in range(start, stop, step):
         try:
-            arr = tree.arrays(branches + labels, entry_start=a, entry_stop=min(a + step, stop))
+            read = [b for b in branches + labels if not (nested and b.startswith("part_"))]
+            arr = tree.arrays(read + ["part"] * nested, entry_start=a,
+                              entry_stop=min(a + step, stop))
         except Exception as e:
             raise SystemExit(f"{path}: cannot read entries {a}-{min(a + step, stop)} "
                              f"({type(e).__name__}: {e}); the file may be truncated or corrupt")
-        counts = ak.to_numpy(ak.num(arr["part_px"]))
-        parts = {b: ak.to_numpy(ak.flatten(arr[b])).astype(np.float32)
+        col = lambda b: arr["part", b[5:]] if nested and b.startswith("part_") else arr[b]  # noqa: E731
+        counts = ak.to_numpy(ak.num(col("part_px")))
+        parts = {b: ak.to_numpy(ak.flatten(col(b))).astype(np.float32)
                  for b in branches if b.startswith("part_")}
         jet = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in JET_BRANCHES], -1)
         onehot = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in labels], -1)
