@@ -152,3 +152,19 @@ def test_metrics_multiclass():
     assert m["auc"] == pytest.approx(0.75)
     with pytest.raises(ValueError, match="probabilities"):
         common.roc_metrics(y, p - 0.5)
+
+
+def test_pair_bias_triangle_matches_full(model):
+    # the encoder embeds only pairs i <= j; the result must equal embedding the full square
+    x, valid, p4 = make_batch([20, 7], n=32)
+    p4 = torch.where(valid[..., None], p4, 0.0)
+    full = model.pair_embed(common.pair_features(p4, valid))                # (B, N, N, H)
+    torch.testing.assert_close(model.pair_bias(p4, valid), full, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_smoke():
+    import bench_train
+    rows = bench_train.main(bench_train.get_args(
+        ["--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--preset", "small",
+         "--no-weaver", "--no-compile"]))
+    assert len(rows) == 1 and rows[0][4] > 0
