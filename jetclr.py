@@ -95,6 +95,10 @@ def get_args(argv=None):
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 0")
     if not 0.0 <= args.split_prob <= 1.0:
         raise SystemExit("--split-prob must be in [0, 1]")
+    try:
+        [int(n) for n in args.scaling.split(",") if args.scaling]
+    except ValueError:
+        raise SystemExit(f"--scaling {args.scaling}: give jet counts separated by commas, e.g. 1000,10000")
     return args
 
 
@@ -224,8 +228,9 @@ class JetCLREncoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.pooling = cfg["pooling"]
-        self.backbone = common.Encoder(common.EncoderConfig(**cfg["encoder"]))
+        cfg = dict(cfg)
+        self.pooling = cfg.pop("pooling")
+        self.backbone = common.Encoder(common.EncoderConfig(**cfg))
 
     def forward(self, valid, p4, axis=None):
         x = kin_features(p4, valid, axis)
@@ -249,7 +254,7 @@ class JetCLR(nn.Module):
     def __init__(self, cfg, proj_dim):
         super().__init__()
         self.encoder = JetCLREncoder(cfg)
-        C = cfg["encoder"]["dim"]
+        C = cfg["dim"]
         # 2 x [ReLU, Linear] as in the paper; the LCT also reads the first layer's output
         self.head = nn.Sequential(nn.ReLU(), nn.Linear(C, C), nn.ReLU(), nn.Linear(C, proj_dim))
 
@@ -277,7 +282,7 @@ def encoder_config(args):
     cls_depth = args.cls_depth if args.pooling == "cls" else 1
     enc = common.EncoderConfig(in_dim=7, dim=args.dim, heads=args.heads, depth=args.depth,
                                cls_depth=cls_depth, pair_dim=(32, 32) if args.pair_bias else ())
-    return dict(encoder=asdict(enc), pooling=args.pooling)
+    return dict(asdict(enc), pooling=args.pooling)  # flat: checkpoints store plain values
 
 
 def two_views(p4, valid, gen, args):
