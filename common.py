@@ -361,12 +361,15 @@ def find_files(source, path=None, split="train", classes=None):
 def ensure_pythia():
     """Embedded default: generate data/pythia once (QCD vs Tbqq in the Top Tagging window)."""
     out = default_data_dir("pythia")
-    if all(any((out / s).glob("*.root")) for s in ("train", "val", "test")):
+    done = out / ".complete"  # written last: an interrupted generation resumes next time
+    if done.exists():
         return out
     import jetgen
     print(f"generating the embedded default sample in {out} (once; a few minutes on 2 cores)")
     jetgen.generate(out, classes=("QCD", "Tbqq"), jets_per_class=PYTHIA_JETS_PER_CLASS, seed=0,
                     workers=os.cpu_count(), preset="toptagging")
+    done.write_text(json.dumps(dict(classes=["QCD", "Tbqq"], jets_per_class=PYTHIA_JETS_PER_CLASS,
+                                    seed=0, preset="toptagging")))
     return out
 
 

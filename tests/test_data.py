@@ -410,3 +410,23 @@ def test_download_cli_extracts_tar(server, tmp_path, jc, monkeypatch):
     assert len(common.load_jets("jetclass", out, split="val")) == 100
     common.main(["download", "jetclass", "--split", "val", "--dir", str(out), "--no-progress"])
     assert len(RangeHandler.ranges) == 1                    # second call: already extracted
+
+
+def test_embedded_default_generated_once(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeJetgen:
+        @staticmethod
+        def generate(out, classes, jets_per_class, seed, workers, preset):
+            calls.append((tuple(classes), preset))
+            for split in ("train", "val", "test"):
+                for c in classes:
+                    write_jetclass(out / split / f"{common.PREFIX[c]}_000.root",
+                                   random_jets(4, len(calls)), c)
+
+    monkeypatch.setitem(__import__("sys").modules, "jetgen", FakeJetgen)
+    monkeypatch.setattr(common, "DATA_DIR", tmp_path / "data")
+    j = common.load_jets("pythia")
+    assert calls == [(("QCD", "Tbqq"), "toptagging")] and sorted(set(j.y.tolist())) == [0, 8]
+    common.load_jets("pythia", split="val")
+    assert len(calls) == 1 and (tmp_path / "data/pythia/.complete").exists()
