@@ -86,7 +86,6 @@ def get_args(argv=None):
     g.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (MAR: 0.95)")
     g = p.add_argument_group("evaluation")
     g.add_argument("--probe-jets", type=int, default=5000, help="train jets for the end-of-run probe")
-    g.add_argument("--eval-jets", type=int, default=1000, help="val/test jets for evals and probe")
     g.add_argument("--gen-check", action="store_true",
                    help="at the end, sample hidden val particles; write gen_check.png + Wasserstein table")
     g.add_argument("--bench", type=int, default=0,
@@ -96,7 +95,7 @@ def get_args(argv=None):
     g.add_argument("--grid-mask", default="0.125,0.25,0.5,0.75", help="mask ratios of the grid")
     g.add_argument("--grid-pred", default="1tok,0.125,0.25,0.5,0.75", help="pred ratios of the grid")
     # MAR's settings: AdamW betas (0.9, 0.95), weight decay 0.02, gradient clip 3.0
-    p.set_defaults(lr=1e-3, weight_decay=0.02, grad_clip=3.0)
+    p.set_defaults(lr=1e-3, weight_decay=0.02, grad_clip=3.0, n_eval=2000)
     args = p.parse_args(argv)
     if args.pred_ratio != "1tok":
         try:
@@ -105,6 +104,8 @@ def get_args(argv=None):
             ok = False
         if not ok:
             p.error(f"--pred-ratio {args.pred_ratio!r}: give a fraction in (0, 1] or 1tok")
+    if args.gen_check and args.head != "diffusion":
+        p.error("--gen-check samples from the diffusion head: drop --head mse")
     if not 0 < args.mask_ratio < 1:
         p.error(f"--mask-ratio {args.mask_ratio}: must lie in (0, 1)")
     return args
@@ -381,27 +382,20 @@ def make_optimizer(model, args, total_steps):
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and not name.startswith("diff.") else no_decay).append(p)
     groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    warmup = warmup_steps(args, total_steps)
     if args.optimizer == "schedulefree":
         try:
             import schedulefree  # optional dependency, imported only when asked for
         except ImportError:
             raise SystemExit("--optimizer schedulefree: the package is missing; pip install schedulefree")
         return schedulefree.AdamWScheduleFree(groups, lr=args.lr, betas=(0.9, args.beta2),
-                                              warmup_steps=warmup)
+                                              warmup_steps=args.warmup)
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, args.beta2), fused=False)
 
 
-def warmup_steps(args, total_steps):
-    # --warmup < 1 is a fraction of the run, otherwise a number of steps
-    return int(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
-
-
 def lr_at(step, total_steps, args):
-    warmup = warmup_steps(args, total_steps)
     if args.schedule == "cosine":
-        return common.lr_at(step, total_steps, warmup, args.lr)
-    return args.lr * min(1.0, (step + 1) / max(warmup, 1))
+        return common.lr_at(step, total_steps, args.warmup, args.lr)
+    return args.lr * min(1.0, (step + 1) / max(args.warmup, 1))
 
 
 def opt_mode(opt, train):
@@ -411,10 +405,9 @@ def opt_mode(opt, train):
 
 
 # --- batches -------------------------------------------------------------------------------------------
-def make_batch(jets, idx, args, mask_gen, noise_gen, device):
-    """Jets subset -> the model's inputs, all random draws on CPU so CPU and GPU runs agree."""
-    x = torch.from_numpy(np.asarray(jets.x[idx])).float()                                  # (B, N, F)
-    valid = torch.from_numpy(np.asarray(jets.valid[idx]))                                  # (B, N)
+def make_batch(x, valid, args, mask_gen, noise_gen, device):
+    """x (B, N, F), valid (B, N) CPU tensors -> the model's inputs. Every random draw is made on the
+    CPU from its own generator, so CPU and GPU runs see the same masks and noise."""
     vis_idx, vis_valid, pred_idx, pred_valid = make_masks(valid, args.mask_ratio, args.pred_ratio, mask_gen)
     take = lambda i: x.gather(1, i[..., None].expand(-1, -1, x.shape[-1]))
     B, P = pred_idx.shape
@@ -431,8 +424,8 @@ def representations(encoder, jets, device, ctx, batch_size=256):
     """Mean-pooled encoder output of full (unmasked) jets -> (N, C) float32 CPU."""
     out = []
     for i in range(0, len(jets), batch_size):
-        x = torch.from_numpy(np.asarray(jets.x[i:i + batch_size])).float().to(device)
-        valid = torch.from_numpy(np.asarray(jets.valid[i:i + batch_size])).to(device)
+        x = torch.from_numpy(np.array(jets.x[i:i + batch_size])).to(device)
+        valid = torch.from_numpy(np.array(jets.valid[i:i + batch_size])).to(device)
         with ctx:
             out.append(encoder(x, valid)[2].float().cpu())
     return torch.cat(out)
@@ -469,7 +462,8 @@ def val_loss(model, jets, args, device, ctx, batch_size):
     mask_gen, noise_gen = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(4321)
     total, n = 0.0, 0
     for i in range(0, len(jets), batch_size):
-        batch = make_batch(jets, np.arange(i, min(i + batch_size, len(jets))), args, mask_gen, noise_gen, device)
+        x, valid = (torch.from_numpy(np.array(a[i:i + batch_size])) for a in (jets.x, jets.valid))
+        batch = make_batch(x, valid, args, mask_gen, noise_gen, device)
         with ctx:
             total += float(model(**batch)) * len(batch["t"])
         n += len(batch["t"])
@@ -482,14 +476,17 @@ def gen_check(model, jets, args, device, ctx, feature_names, path):
     per-feature Wasserstein-1 (sample vs truth) against the same distance between the truth and true
     particles of *other* jets (a generator that ignores its jet), plus a PNG of histograms."""
     gen = torch.Generator().manual_seed(99)
-    batch = make_batch(jets, np.arange(len(jets)), args, gen, gen, device)
+    batch = make_batch(torch.from_numpy(np.array(jets.x)), torch.from_numpy(np.array(jets.valid)),
+                       args, gen, gen, device)
     with ctx:
         z = model.condition(batch["x_vis"], batch["vis_valid"], batch["pred_rank"])
     sel = batch["pred_valid"].cpu()
     true = batch["x_pred"].cpu()[sel]                                                       # (M, F)
     fake = ddpm_sample(model.diff, z.float()[batch["pred_valid"]], true.shape[1], model.alpha_bar,
                        args.sample_steps, args.temperature, gen).cpu()
-    half = len(true) // 2        # baseline: the truth of the first half vs the true particles of the second
+    order = torch.randperm(len(true), generator=gen)   # val jets are stored class by class: mix them
+    true, fake, half = true[order], fake[order], len(true) // 2
+    # baseline: a "generator" that ignores its jet, i.e. true particles of other jets (the second half)
     w1 = lambda a, b: float((a.sort(0)[0] - b.sort(0)[0]).abs().mean())
     rows = [(name, w1(fake[:half, f], true[:half, f]), w1(true[half:2 * half, f], true[:half, f]))
             for f, name in enumerate(feature_names)]
@@ -529,58 +526,48 @@ def train(args):
     if args.grid:
         return grid(args)
     s = common.setup(args)
-    torch.manual_seed(args.seed)
     load = lambda split, n: common.load_jets(args.data, args.data_dir, split=split, n_jets=n,
                                              n_max=args.n_max, features=args.features)
-    jets, val = load("train", args.n_jets), load("val", args.eval_jets)
-    if len(jets) < args.batch_size:
-        raise SystemExit(f"--batch-size {args.batch_size} exceeds the {len(jets)} training jets; lower it")
+    jets, val = load("train", args.n_jets), load("val", args.n_eval)
     cfg = encoder_config(args, jets.x.shape[-1])
     raw_model = DiffMAE(cfg, args).to(s.device)
     n_enc = sum(p.numel() for p in raw_model.encoder.parameters())
     n_all = sum(p.numel() for p in raw_model.parameters())
-    steps_per_epoch = len(jets) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch
+    per_epoch = common.steps_per_epoch(len(jets), args.batch_size, s.world_size)
+    total_steps = args.epochs * per_epoch
     opt = make_optimizer(raw_model, args, total_steps)
-    model = torch.compile(raw_model) if args.compile else raw_model
-    mask_gen, noise_gen = torch.Generator().manual_seed(args.seed + 1), torch.Generator().manual_seed(args.seed + 2)
-    os.makedirs(args.out, exist_ok=True)
+    model = common.wrap_model(raw_model, s)
+    gens = dict(mask=torch.Generator().manual_seed(args.seed * 1000 + s.rank + 1),
+                noise=torch.Generator().manual_seed(args.seed * 1000 + s.rank + 2))
+    start = common.resume_from(args.resume, raw_model, opt, gens) if args.resume else 0
     ckpt_path = os.path.join(args.out, "diffmae.pt")
-    log = common.JsonlLogger(os.path.join(args.out, "diffmae.jsonl")) if s.master else None
-    step = 0
-    if args.resume:
-        ckpt = common.load_checkpoint(ckpt_path)
-        raw_model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-        mask_gen.set_state(ckpt["rng"]["mask"]), noise_gen.set_state(ckpt["rng"]["noise"])
+    log = common.JsonlLogger(os.path.join(args.out, "diffmae.jsonl"))
     if s.master:
-        print(f"diffmae {args.preset}: encoder {n_enc / 1e6:.2f}M params, total {n_all / 1e6:.2f}M, "
-              f"{len(jets)} jets, {total_steps} steps, device {s.device}, torch {torch.__version__}")
+        print(f"diffmae {args.preset} head={args.head} mask={args.mask_ratio} pred={args.pred_ratio}: "
+              f"encoder {n_enc / 1e6:.2f}M params (all {n_all / 1e6:.2f}M), {len(jets)} jets, "
+              f"{total_steps} steps, {s.device}, torch {torch.__version__}, git {common.git_hash()}")
 
-    def save():  # called in evaluation mode (schedule-free: the averaged weights are stored)
-        common.save_checkpoint(ckpt_path, method="diffmae", args=vars(args), encoder_config=cfg,
-                               encoder=raw_model.encoder.state_dict(), model=raw_model.state_dict(),
-                               optimizer=opt.state_dict(), step=step,
-                               rng=dict(mask=mask_gen.get_state(), noise=noise_gen.get_state()))
+    def save(step):  # called in evaluation mode (schedule-free: stores the averaged weights)
+        common.save_checkpoint(ckpt_path, method="diffmae", args=args, encoder_config=cfg,
+                               encoder=raw_model.encoder, model=raw_model, optimizer=opt, step=step,
+                               generators=gens)
 
-    def evaluate():  # validation loss + collapse diagnostics, in evaluation mode
+    def evaluate(step):  # validation loss + collapse diagnostics of the jet representations
         z = representations(raw_model.encoder, val, s.device, s.ctx)
         return dict(step=step, val_loss=val_loss(raw_model, val, args, s.device, s.ctx, args.batch_size),
                     **collapse_stats(z))
 
-    # --- the loop: 1. masks (CPU) / 2. encoder on visible -> decoder queries -> loss / 3. step ---
+    # --- the loop: 1. masks on CPU / 2. encoder(visible) -> decoder(queries) -> loss / 3. step ---
     raw_model.train(), opt_mode(opt, True)
-    t0, timed_from, result = time.time(), 5, {}
-    while step < total_steps:
-        epoch, i = divmod(step, steps_per_epoch)
-        # one seeded order per epoch, so a resumed run continues on exactly the same batches
-        perm = torch.randperm(len(jets), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-        idx = perm[i * args.batch_size:(i + 1) * args.batch_size].numpy()
-        batch = make_batch(jets, np.sort(idx), args, mask_gen, noise_gen, s.device)
+    data = dict(x=jets.x, valid=jets.valid)
+    eval_every = args.eval_every or per_epoch
+    t0, result, step = time.time(), {}, start
+    for step, epoch, b in common.train_batches(data, args.batch_size, torch.device("cpu"), args.epochs,
+                                               seed=args.seed, start_step=start, rank=s.rank,
+                                               world_size=s.world_size, trim=("x",)):
+        batch = make_batch(b["x"], b["valid"], args, gens["mask"], gens["noise"], s.device)
         if args.optimizer == "adamw":
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total_steps, args)
+            common.set_lr(opt, lr_at(step, total_steps, args))
         with s.ctx:
             loss = model(**batch)
         loss.backward()
@@ -588,41 +575,37 @@ def train(args):
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        step += 1
-        if args.bench and step == timed_from:
+        if args.bench and step + 1 in (5, 5 + args.bench):   # 5 untimed steps (compile, warm-up)
             if s.device.type == "cuda":
                 torch.cuda.synchronize()
-            t0 = time.time()
-        if args.bench and step == timed_from + args.bench:
-            if s.device.type == "cuda":
-                torch.cuda.synchronize()
-            jps = args.bench * args.batch_size / (time.time() - t0)
-            print(f"bench {args.preset} attn={args.attn} compile={args.compile}: {jps:.0f} jets/s")
-            return dict(jets_per_s=jps)
-        if s.master and (step % args.eval_every == 0 or step == total_steps):
+            if step + 1 == 5:
+                t0 = time.time()
+            else:
+                jps = args.bench * args.batch_size * s.world_size / (time.time() - t0)
+                print(f"bench {args.preset} attn={args.attn} compile={s.compile}: {jps:.0f} jets/s")
+                return dict(jets_per_s=jps)
+        if s.master and ((step + 1) % eval_every == 0 or step + 1 == total_steps):
             raw_model.eval(), opt_mode(opt, False)
-            result = dict(loss=float(loss), lr=opt.param_groups[0]["lr"], **evaluate())
-            print(f"step {step}/{total_steps} loss {result['loss']:.4f} val {result['val_loss']:.4f} "
+            result = dict(loss=loss.item(), lr=opt.param_groups[0]["lr"], **evaluate(step + 1))
+            print(f"step {step + 1}/{total_steps} loss {result['loss']:.4f} val {result['val_loss']:.4f} "
                   f"cos {result['cos']:.3f} std {result['std']:.3f} ({time.time() - t0:.0f}s)")
             log.log(result)
-            save()
+            save(step + 1)
             raw_model.train(), opt_mode(opt, True)
 
-    # --- end of run: linear probe, generation check, checkpoint (schedule-free: evaluation weights) ---
+    # --- end of run: linear probe on frozen jet vectors, generation check ---
     raw_model.eval(), opt_mode(opt, False)
     if s.master:
-        tr, te = load("train", args.probe_jets), load("test", args.eval_jets)
-        z_tr = representations(raw_model.encoder, tr, s.device, s.ctx)
-        z_te = representations(raw_model.encoder, te, s.device, s.ctx)
-        result["probe_acc"] = linear_probe(z_tr, torch.from_numpy(np.asarray(tr.y)), z_te,
-                                           torch.from_numpy(np.asarray(te.y)))
-        print(f"probe accuracy {result['probe_acc']:.4f} ({len(tr)} train / {len(te)} test jets), "
-              f"cos {result.get('cos', float('nan')):.3f} std {result.get('std', float('nan')):.3f}")
+        tr, te = load("train", args.probe_jets), load("test", args.n_eval)
+        z_tr, z_te = (representations(raw_model.encoder, j, s.device, s.ctx) for j in (tr, te))
+        result["probe_acc"] = linear_probe(z_tr, torch.from_numpy(np.array(tr.y)), z_te,
+                                           torch.from_numpy(np.array(te.y)))
+        print(f"probe accuracy {result['probe_acc']:.4f} ({len(tr)} train / {len(te)} test jets)")
         if args.gen_check:
-            names = common.FEATURE_NAMES[args.features]
-            result |= gen_check(raw_model, val, args, s.device, s.ctx, names,
+            result |= gen_check(raw_model, val, args, s.device, s.ctx, common.FEATURE_NAMES[args.features],
                                 os.path.join(args.out, "gen_check.png"))
-        save()
+        log.log(dict(final=True, **result))
+    common.cleanup(s)
     return result
 
 
