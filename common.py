@@ -91,57 +91,53 @@ def signed_deta(eta, jet_eta):
     return np.where(jet_eta >= 0, 1.0, -1.0).astype(np.float32) * (eta - jet_eta)
 
 
-def particle_features(p4, valid, jet, deta, dphi, extra=None, features="kin"):
-    """ParT input recipe on padded arrays.
-    p4 (N, M, 4), valid (N, M), jet (N, 4) = (pt, eta, phi, E), deta/dphi (N, M);
-    extra: dict with charge, the five PID flags and impact parameters (N, M) for "full"
-    (None = not measured, filled with zeros). Returns float32 (N, M, F), zero in padding."""
+def features_flat(px, py, energy, deta, dphi, jet, extra=None, features="kin"):
+    """ParT input recipe for M particles (1-D arrays); jet (M, 4) = (pt, eta, phi, E) of each
+    particle's jet; extra: dict of part_charge, part_is*, part_d0val... (M,) for "full"
+    (missing ones = not measured = 0). Returns float32 (M, F)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        pt = np.hypot(p4[..., 0], p4[..., 1])
-        energy = p4[..., 3]
+        pt = np.hypot(px, py)
         kin = [
             (np.log(pt) - 1.7) * 0.7,
             (np.log(energy) - 2.0) * 0.7,
-            (np.log(pt / jet[:, None, 0]) + 4.7) * 0.7,
-            (np.log(energy / jet[:, None, 3]) + 4.7) * 0.7,
+            (np.log(pt / jet[:, 0]) + 4.7) * 0.7,
+            (np.log(energy / jet[:, 3]) + 4.7) * 0.7,
             (np.hypot(deta, dphi) - 0.2) * 4.0,
         ]
-        kin = [np.clip(np.nan_to_num(v, nan=0.0), -5, 5) for v in kin]
-        if features == "kin":
-            cols = kin + [deta, dphi]
-        elif features == "full":
-            zero = np.zeros_like(pt)
-            e = extra or {}
-            get = lambda k: e.get(k, zero)  # noqa: E731
-            cols = kin + [get("part_charge")] + [get(b) for b in PID_BRANCHES] + [
-                np.tanh(get("part_d0val")), np.clip(get("part_d0err"), 0, 1),
-                np.tanh(get("part_dzval")), np.clip(get("part_dzerr"), 0, 1), deta, dphi]
-        else:
-            raise ValueError(f"features must be one of {list(FEATURE_NAMES)}, got {features!r}")
-        x = np.stack(cols, axis=-1).astype(np.float32)
-    x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-    x[~valid] = 0.0
+    kin = [np.clip(v, -5, 5) for v in kin]  # NaN stays NaN here and becomes 0 below
+    if features == "kin":
+        cols = kin + [deta, dphi]
+    elif features == "full":
+        zero = np.zeros_like(pt)
+        e = extra or {}
+        get = lambda k: e.get(k, zero)  # noqa: E731
+        cols = kin + [get("part_charge")] + [get(b) for b in PID_BRANCHES] + [
+            np.tanh(get("part_d0val")), np.clip(get("part_d0err"), 0, 1),
+            np.tanh(get("part_dzval")), np.clip(get("part_dzerr"), 0, 1), deta, dphi]
+    else:
+        raise ValueError(f"features must be one of {list(FEATURE_NAMES)}, got {features!r}")
+    x = np.stack(cols, axis=-1).astype(np.float32)
+    x[~np.isfinite(x)] = 0.0
     return x
 
 
-def _pad(flat, counts, n_max):
-    """Jagged (flat values, counts per jet) -> zero-padded (N, n_max), vectorised."""
-    n = len(counts)
-    starts = np.cumsum(counts) - counts
-    row = np.repeat(np.arange(n), counts)
-    col = np.arange(len(flat)) - np.repeat(starts, counts)
-    keep = col < n_max
-    out = np.zeros((n, n_max), dtype=np.float32)
-    out[row[keep], col[keep]] = flat[keep]
-    return out
+def particle_features(p4, valid, jet, deta, dphi, extra=None, features="kin"):
+    """features_flat on padded arrays: p4 (N, M, 4), valid (N, M), jet (N, 4), deta/dphi and
+    the extra arrays (N, M). Returns float32 (N, M, F), zero in padding."""
+    row = np.nonzero(valid)[0]
+    flat_extra = {k: v[valid] for k, v in (extra or {}).items()}
+    x = np.zeros(valid.shape + (len(FEATURE_NAMES[features]),), dtype=np.float32)
+    x[valid] = features_flat(p4[..., 0][valid], p4[..., 1][valid], p4[..., 3][valid],
+                             deta[valid], dphi[valid], jet[row], flat_extra, features)
+    return x
 
 
 def assemble(parts, counts, jet, y, n_max, features, drops):
     """The one place where every reader's output becomes `Jets`.
-    parts: dict of flat per-particle arrays (part_px, part_py, part_pz, part_energy, part_deta,
-    part_dphi, optional extras), counts (N,), jet (N, 4), y (N,).
+    parts: dict of flat per-particle arrays, jet by jet (part_px, part_py, part_pz,
+    part_energy, part_deta, part_dphi, optional extras), counts (N,), jet (N, 4), y (N,).
     Drops non-finite constituents and then empty jets, counting both in `drops`; sorts each
-    jet's constituents by pT (descending) and pads them to n_max."""
+    jet's constituents by pT (descending), keeps the first n_max and pads."""
     counts = np.asarray(counts, dtype=np.int64)
     row = np.repeat(np.arange(len(counts)), counts)
     finite = np.ones(len(row), dtype=bool)
@@ -152,20 +148,26 @@ def assemble(parts, counts, jet, y, n_max, features, drops):
         parts = {k: v[finite] for k, v in parts.items()}
         row = row[finite]
         counts = np.bincount(row, minlength=len(counts))
-    empty = counts == 0
-    drops["jets"] += int(empty.sum())
-    # sort by (jet, -pT): groups stay in jet order, pT descending inside each jet
+    keep = counts > 0
+    drops["jets"] += int((~keep).sum())
+    row = (np.cumsum(keep) - 1)[row]  # renumber: empty jets own no particles
+    counts, jet, y = counts[keep], jet[keep].astype(np.float32), y[keep].astype(np.int64)
+    # sort by (jet, -pT): jets stay grouped, pT descending inside each; keep the first n_max
     pt = np.hypot(parts["part_px"], parts["part_py"])
     order = np.lexsort((-pt, row))
-    padded = {k: _pad(v[order], counts, n_max) for k, v in parts.items()}
-    valid = np.arange(n_max)[None, :] < counts[:, None]
-    keep = ~empty
-    padded = {k: v[keep] for k, v in padded.items()}
-    valid, jet, y = valid[keep], jet[keep].astype(np.float32), y[keep].astype(np.int64)
-    p4 = np.stack([padded[k] for k in ("part_px", "part_py", "part_pz", "part_energy")], -1)
-    p4[~valid] = 0.0
-    dphi = wrap_phi(padded["part_dphi"])
-    x = particle_features(p4, valid, jet, padded["part_deta"], dphi, padded, features)
+    col = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
+    sel = order[col < n_max]
+    parts = {k: v[sel] for k, v in parts.items()}
+    row, col = row[sel], col[col < n_max]
+    n = len(counts)
+    valid = np.zeros((n, n_max), dtype=bool)
+    valid[row, col] = True
+    p4 = np.zeros((n, n_max, 4), dtype=np.float32)
+    p4[row, col] = np.stack([parts[k] for k in ("part_px", "part_py", "part_pz", "part_energy")], -1)
+    x = np.zeros((n, n_max, len(FEATURE_NAMES[features])), dtype=np.float32)
+    x[row, col] = features_flat(parts["part_px"], parts["part_py"], parts["part_energy"],
+                                parts["part_deta"], wrap_phi(parts["part_dphi"]), jet[row],
+                                parts, features)
     return Jets(x=x, p4=p4, valid=valid, y=y, jet=jet)
 
 

@@ -42,7 +42,7 @@ def write_jetclass(path, jets, label, jet_obs=None, drop=()):
         d.pop(b)
     path.parent.mkdir(parents=True, exist_ok=True)
     with uproot.recreate(path) as f:
-        f["tree"] = d
+        f.mktree("tree", d)  # a TTree, as the real files (f["tree"] = ... may give an RNTuple)
     return path
 
 

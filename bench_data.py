@@ -1,0 +1,113 @@
+"""Data-layer throughput on this machine: jet generation, ROOT read + features, Top Tagging
+HDF5 read, subjet reclustering, cached loading. One process per figure; set OMP_NUM_THREADS=1
+for per-core numbers.
+
+    python bench_data.py                 # about a minute on a 2-core CPU
+    python bench_data.py --n-jets 100000 --gen-jets 0
+"""
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import awkward as ak
+import h5py
+import numpy as np
+import uproot
+
+import common
+
+
+def write_jetclass_like(path, n, seed=0):
+    """A JetClass-layout ROOT file (TTree, part_* branches) with realistic multiplicities."""
+    rng = np.random.default_rng(seed)
+    counts = np.clip(rng.normal(70, 20, n).astype(int), 5, 200)
+    m = counts.sum()
+    pt, eta, phi = rng.exponential(15, m) + 0.5, rng.normal(0, 0.3, m), rng.normal(0, 0.3, m)
+    px, py, pz = pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
+    e = np.sqrt(px ** 2 + py ** 2 + pz ** 2)
+    jag = lambda a, t=np.float32: ak.unflatten(a.astype(t), counts)  # noqa: E731
+    d = {f"part_{k}": jag(v) for k, v in dict(
+        px=px, py=py, pz=pz, energy=e, deta=eta, dphi=phi, d0val=rng.normal(0, .1, m),
+        d0err=rng.random(m), dzval=rng.normal(0, .1, m), dzerr=rng.random(m),
+        charge=rng.integers(-1, 2, m)).items()}
+    for b in common.PID_BRANCHES:
+        d[b] = jag(rng.integers(0, 2, m), np.int32)
+    for k in ("pt", "eta", "phi", "energy"):
+        d[f"jet_{k}"] = rng.uniform(500, 1000, n).astype(np.float32)
+    for c in common.CLASSES:
+        d[f"label_{c}"] = np.full(n, c == "Tbqq", dtype=np.int32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with uproot.recreate(path) as f:
+        f.mktree("tree", d)  # a TTree, as the real files (f["tree"] = ... may give an RNTuple)
+
+
+def timed(fn, n, label, unit="jets/s"):
+    t = time.perf_counter()
+    out = fn()
+    dt = time.perf_counter() - t
+    print(f"{label:<58s} {n / dt:>12,.0f} {unit}   ({n} in {dt:.2f} s)")
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n-jets", type=int, default=20_000, help="jets for read/subjet/cache figures")
+    ap.add_argument("--gen-jets", type=int, default=100, help="jets per class to generate (0: skip)")
+    ap.add_argument("--batch-size", type=int, default=512, help="batch size for the cached epoch")
+    args = ap.parse_args()
+    print(f"cores: {os.cpu_count()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cache = tmp / "cache"
+        if args.gen_jets:
+            try:
+                import jetgen
+                for c in ("QCD", "Tbqq"):
+                    timed(lambda: jetgen.generate(tmp / f"gen{c}", classes=(c,), seed=0, workers=1,
+                                                  jets_per_class=args.gen_jets, progress=False),
+                          args.gen_jets, f"generation, {c}, toptagging preset, 1 process")
+            except ImportError:
+                print("generation: jetgen.py not found, skipped")
+
+        write_jetclass_like(tmp / "jc/val_5M/TTBar_000.root", args.n_jets)
+        for feats in ("kin", "full"):
+            jets = timed(lambda: common.load_jets("jetclass", tmp / "jc", split="val",
+                                                 features=feats, cache=False),
+                         args.n_jets, f"ROOT read + '{feats}' features (uncached)")
+
+        # Top Tagging layout: the 300-jet fixture repeated to n_jets rows, zlib as the original
+        fixture = Path(__file__).resolve().parent.parent / "shared/fixtures/toptagging_sample.h5"
+        if fixture.exists():
+            with h5py.File(fixture) as f:
+                rows = f["table/table"][...]
+                attrs = dict(f["table/table"].attrs)
+            rows = np.resize(rows, args.n_jets)
+            with h5py.File(tmp / "tt.h5", "w") as f:
+                d = f.create_dataset("table/table", data=rows, chunks=(1000,), compression="gzip")
+                d.attrs.update(attrs)
+            top = timed(lambda: common.load_jets("toptagging", tmp / "tt.h5", cache=False),
+                        args.n_jets, "Top Tagging HDF5 read + 'kin' features (uncached)")
+            jets = top  # realistic constituent distributions for the subjets below
+        for algo in ("ca", "kt"):
+            timed(lambda: common.cluster_subjets(jets.p4, jets.valid, algorithm=algo, R=0.2),
+                  len(jets), f"subjets {algo} R=0.2, 20 x 30 (fastjet awkward, 1 process)")
+
+        common.load_jets("jetclass", tmp / "jc", split="val", features="full", cache_dir=cache)
+        hit = timed(lambda: common.load_jets("jetclass", tmp / "jc", split="val", features="full",
+                                             cache_dir=cache),
+                    args.n_jets, "cache hit: open (memory-mapped)")
+
+        def epoch():
+            order = np.random.default_rng(0).permutation(len(hit))
+            total = 0.0
+            for i in range(0, len(hit), args.batch_size):
+                idx = np.sort(order[i:i + args.batch_size])
+                total += float(hit.x[idx].sum() + hit.p4[idx, :, 3].sum()) + hit.valid[idx].sum()
+            return total
+        timed(epoch, args.n_jets, f"cached epoch, 'full', shuffled batches of {args.batch_size}")
+
+
+if __name__ == "__main__":
+    main()
