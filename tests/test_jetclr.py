@@ -153,7 +153,7 @@ def test_tiny_model_overfits_one_batch():
 
 
 TINY = ["--data", "toptagging", "--epochs", "2", "--batch-size", "32", "--dim", "16", "--depth",
-        "1", "--heads", "2", "--cls-depth", "1", "--n-eval", "300", "--warmup", "2", "--device", "cpu",
+        "1", "--heads", "2", "--cls-depth", "1", "--n-eval", "128", "--warmup", "2", "--device", "cpu",
         "--n-jets", "128"]
 
 
@@ -196,8 +196,8 @@ def test_resume_continues_bit_for_bit(tiny_args, tmp_path, monkeypatch):
 
 
 def test_tiny_run_learns_and_reports_lct(tiny_args):
-    r = jetclr.train(tiny_args("lct", "--epochs", "4", "--n-jets", "256", "--profile",
-                               "--pooling", "ptsum"))
+    r = jetclr.train(tiny_args("lct", "--epochs", "3", "--n-jets", "256", "--n-eval", "256",
+                               "--profile", "--pooling", "ptsum"))
     assert r["loss"] < math.log(63)  # chance level for 2 x 32 views
     assert 0.5 < r["lct_repr_auc"] <= 1 and 0.5 < r["lct_head1_auc"] <= 1
     assert r["ms_aug"] > 0 and r["ms_step"] > 0
@@ -208,3 +208,11 @@ def test_bad_flags_fail_clearly():
         jetclr.get_args(["--split-prob", "1.5"])
     with pytest.raises(SystemExit):
         jetclr.get_args(["--scaling", "100,abc"])
+
+
+def test_scaling_study_writes_table_and_plot(tiny_args, tmp_path):
+    r = jetclr.train(tiny_args("scal", "--epochs", "1", "--no-lct", "--scaling", "64,128",
+                               "--scaling-labels", "100"))
+    assert [row["n"] for row in r["rows"]] == [0, 64, 128]
+    assert all(0 <= row["ft_auc"] <= 1 for row in r["rows"])
+    assert (tmp_path / "scal" / "jetclr_scaling.png").stat().st_size > 1000
