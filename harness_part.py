@@ -143,10 +143,13 @@ def cleanup(s):
 # --- optimizer and schedule ---------------------------------------------------------------------
 
 
-def decay_groups(module, weight_decay, **group):
-    """Two AdamW parameter groups: matrices (linear/attention weights, embeddings) decay; biases,
-    norm gains and other 1-D parameters do not. Frozen parameters are left out."""
-    params = [p for p in module.parameters() if p.requires_grad]
+def decay_groups(params, weight_decay, **group):
+    """Two AdamW parameter groups from a module (or a list of parameters): matrices (linear and
+    attention weights, embeddings) decay; biases, norm gains and other 1-D parameters do not.
+    Frozen parameters are left out. `group` adds keys to both, e.g. name="head"."""
+    if isinstance(params, nn.Module):
+        params = params.parameters()
+    params = [p for p in params if p.requires_grad]
     return [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay, **group),
             dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, **group)]
 
@@ -337,7 +340,8 @@ def epoch_batches(data, batch_size, device, *, seed=0, epoch=0, shuffle=True, ra
     drawn from (seed, epoch) alone, so a resumed run sees the same batches (`start` skips the
     steps already taken) and all ranks agree on it; rank r takes the r-th slice of each step, so
     ranks never share jets. The particle axis of `valid` and of the `trim` arrays is cut to the
-    longest jet in the batch (common.trim_batch). drop_last=False is for one-process evaluation."""
+    longest jet in the batch (common.trim_batch; trim=() turns that off). drop_last=False is for
+    one-process evaluation."""
     import common
     arrays = as_arrays(data)
     n = len(next(iter(arrays.values())))
@@ -353,7 +357,7 @@ def epoch_batches(data, batch_size, device, *, seed=0, epoch=0, shuffle=True, ra
         batch = {k: torch.from_numpy(np.ascontiguousarray(a[idx])) for k, a in arrays.items()
                  if a is not None}
         keys = [k for k in trim if k in batch]
-        if "valid" in batch:
+        if trim and "valid" in batch:  # trim=() for inputs whose axis 1 is not particles
             valid, *trimmed = common.trim_batch(batch["valid"], *[batch[k] for k in keys])
             batch.update(valid=valid, **dict(zip(keys, trimmed)))
         yield {k: (t.pin_memory() if pin else t).to(device, non_blocking=True)
