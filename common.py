@@ -152,22 +152,27 @@ def assemble(parts, counts, jet, y, n_max, features, drops):
     drops["jets"] += int((~keep).sum())
     row = (np.cumsum(keep) - 1)[row]  # renumber: empty jets own no particles
     counts, jet, y = counts[keep], jet[keep].astype(np.float32), y[keep].astype(np.int64)
-    # sort by (jet, -pT): jets stay grouped, pT descending inside each; keep the first n_max
+    # sort each jet's particles by pT, descending (awkward sorts every list in one C++ call;
+    # np.lexsort on (jet, -pT) is 6x slower), then keep the first n_max of each jet
+    import awkward as ak
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
     pt = np.hypot(parts["part_px"], parts["part_py"])
-    order = np.lexsort((-pt, row))
-    col = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
+    local = ak.argsort(ak.unflatten(pt, counts), ascending=False, stable=True)
+    order = ak.to_numpy(ak.flatten(local)) + starts
+    col = np.arange(len(row)) - starts           # position within the jet after sorting
     sel = order[col < n_max]
     parts = {k: v[sel] for k, v in parts.items()}
-    row, col = row[sel], col[col < n_max]
-    n = len(counts)
-    valid = np.zeros((n, n_max), dtype=bool)
-    valid[row, col] = True
+    row = row[sel]
+    flat = row * n_max + col[col < n_max]        # scatter into (N * n_max, ...) views
+    n, n_feat = len(counts), len(FEATURE_NAMES[features])
+    valid = np.arange(n_max)[None, :] < counts[:, None]
     p4 = np.zeros((n, n_max, 4), dtype=np.float32)
-    p4[row, col] = np.stack([parts[k] for k in ("part_px", "part_py", "part_pz", "part_energy")], -1)
-    x = np.zeros((n, n_max, len(FEATURE_NAMES[features])), dtype=np.float32)
-    x[row, col] = features_flat(parts["part_px"], parts["part_py"], parts["part_energy"],
-                                parts["part_deta"], wrap_phi(parts["part_dphi"]), jet[row],
-                                parts, features)
+    p4.reshape(-1, 4)[flat] = np.stack(
+        [parts[k] for k in ("part_px", "part_py", "part_pz", "part_energy")], -1)
+    x = np.zeros((n, n_max, n_feat), dtype=np.float32)
+    x.reshape(-1, n_feat)[flat] = features_flat(
+        parts["part_px"], parts["part_py"], parts["part_energy"], parts["part_deta"],
+        wrap_phi(parts["part_dphi"]), jet[row], parts, features)
     return Jets(x=x, p4=p4, valid=valid, y=y, jet=jet)
 
 
