@@ -516,18 +516,18 @@ def cluster_subjets(p4, valid, algorithm="ca", R=0.2, n_subjets=20, n_per_subjet
                                      "E": flat[:, 3]}), counts)
     with _quiet_fastjet():
         cs = fastjet.ClusterSequence(particles, fastjet.JetDefinition(algos[algorithm], R))
-        sub = cs.inclusive_jets()             # (N, var) records px, py, pz, E
         cidx = cs.constituent_index()         # (N, var, var) index into the jet's particle list
-    # flat bookkeeping: one row per subjet, one row per (subjet, constituent)
-    sub_counts = ak.to_numpy(ak.num(sub, axis=1))                   # (N,) subjets per jet
-    sub4 = np.stack([ak.to_numpy(ak.flatten(sub[c])) for c in ("px", "py", "pz", "E")], -1)
+    # flat bookkeeping: one row per subjet, one row per (subjet, constituent); a subjet's
+    # 4-vector is the sum of its constituents (fastjet's default E-scheme), summed here
+    sub_counts = ak.to_numpy(ak.num(cidx, axis=1))                  # (N,) subjets per jet
     c_counts = ak.to_numpy(ak.flatten(ak.num(cidx, axis=2)))        # constituents per subjet
     local = ak.to_numpy(ak.flatten(cidx, axis=None))                # index into the jet's list
     jrow = np.repeat(np.arange(n), sub_counts)                      # jet of each subjet
     subid = np.repeat(np.arange(len(jrow)), c_counts)               # subjet of each constituent
     gflat = local + starts[jrow[subid]]                             # index into `flat`
-    s_rank = _rank_desc(np.hypot(sub4[:, 0], sub4[:, 1]), jrow)     # pT rank in its jet
-    c_rank = _rank_desc(np.hypot(flat[gflat, 0], flat[gflat, 1]), subid)  # pT rank in subjet
+    sub4 = np.stack([np.bincount(subid, flat[gflat, c], minlength=len(jrow)) for c in range(4)], -1)
+    s_rank = _rank_desc(np.hypot(sub4[:, 0], sub4[:, 1]), sub_counts)     # pT rank in its jet
+    c_rank = _rank_desc(np.hypot(flat[gflat, 0], flat[gflat, 1]), c_counts)  # pT rank in subjet
     keep = (s_rank[subid] < n_subjets) & (c_rank < n_per_subjet)
     idx = np.full((n, n_subjets, n_per_subjet), -1, dtype=np.int64)
     idx[jrow[subid][keep], s_rank[subid][keep], c_rank[keep]] = where[gflat[keep]]
@@ -538,12 +538,14 @@ def cluster_subjets(p4, valid, algorithm="ca", R=0.2, n_subjets=20, n_per_subjet
     return Subjets(p4=out, idx=idx, valid=ok)
 
 
-def _rank_desc(values, group):
-    """Rank of each element within its group (groups contiguous), largest value first."""
-    order = np.lexsort((-values, group))
-    g = group[order]
+def _rank_desc(values, counts):
+    """Rank of each element within its group (contiguous groups of `counts`), largest first."""
+    import awkward as ak
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    order = ak.to_numpy(ak.flatten(ak.argsort(ak.unflatten(values, counts), ascending=False,
+                                              stable=True))) + starts
     rank = np.empty(len(values), dtype=np.int64)
-    rank[order] = np.arange(len(g)) - np.searchsorted(g, g, side="left")
+    rank[order] = np.arange(len(values)) - starts
     return rank
 
 
