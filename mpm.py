@@ -43,7 +43,6 @@ CPU:  OMP_NUM_THREADS=1 python mpm.py --data-dir data/pythia10 --n-jets 2000 --e
 import argparse
 import copy
 import hashlib
-import math
 import os
 import time
 from pathlib import Path
@@ -234,8 +233,8 @@ def fit_kmeans(points, k, steps, batch_size, generator):
 def kmeans_sample(jets, features, n_particles, generator):
     """Up to n_particles real (never padding) particles of the training jets -> raw targets."""
     n_jets = min(len(jets), max(1, n_particles // 8))  # ~8+ real particles per jet is plenty
-    valid = torch.from_numpy(np.asarray(jets.valid[:n_jets]))
-    x = torch.from_numpy(np.asarray(jets.x[:n_jets]))[valid]             # (P, F) real only
+    valid = torch.from_numpy(np.array(jets.valid[:n_jets]))  # copies: the cache is read-only
+    x = torch.from_numpy(np.array(jets.x[:n_jets]))[valid]               # (P, F) real only
     pick = torch.randperm(len(x), generator=generator)[:n_particles].sort().values
     return raw_targets(x[pick], features)
 
@@ -247,15 +246,14 @@ def kmeans_fit_cached(jets, args):
     raw = kmeans_sample(jets, args.features, args.kmeans_particles, gen)
     mean, std = raw.mean(0), raw.std(0).clamp(min=1e-6)
     points = (raw - mean) / std
+    if args.target != "kmeans":
+        return dict(centroids=torch.zeros(0, len(mean)), mean=mean, std=std, seconds=0.0)
     digest = hashlib.sha1(points.numpy().tobytes())
     digest.update(repr((args.k, args.kmeans_steps, args.kmeans_batch, args.seed)).encode())
     path = common.cache_root() / f"mpm_kmeans_{digest.hexdigest()[:16]}.pt"
     if path.is_file():
-        fit = torch.load(path, weights_only=True)
         print(f"K-means: {args.k} centroids from the cache {path}")
-        return fit
-    if args.target != "kmeans":
-        return dict(centroids=torch.zeros(0, len(mean)), mean=mean, std=std, seconds=0.0)
+        return torch.load(path, weights_only=True)
     t0 = time.perf_counter()
     centroids = fit_kmeans(points, args.k, args.kmeans_steps, args.kmeans_batch, gen)
     seconds = time.perf_counter() - t0
@@ -529,9 +527,9 @@ def train(args):
     eval_every = args.eval_every or steps_per_epoch
     log = common.JsonlLogger(Path(args.out) / "mpm.jsonl") if s.master else None
     # --- flat training loop; masks drawn on the CPU from mask_gen, then moved to the device
-    step, loss, t_prep, t0, timed_from = start_step, None, 0.0, None, start_step + 5
-    history = []
-    t_prep0 = time.perf_counter()
+    step, loss, history = start_step, None, []
+    timed_from, t0, t_prep, t_eval = start_step + 5, None, 0.0, 0.0  # 5 untimed warm-up steps
+    tick = time.perf_counter()
     for step, epoch, batch in common.train_batches(train_data, args.batch_size,
                                                    torch.device("cpu"), args.epochs,
                                                    seed=args.seed, start_step=start_step,
@@ -539,9 +537,9 @@ def train(args):
         mask = make_mask(batch["valid"], args.mask_frac, mask_gen)
         b = {k: v.to(s.device, non_blocking=True)
              for k, v in split_batch(batch, mask, args.style).items()}
-        if step == timed_from:  # untimed warm-up steps (compile, allocator) before timing
-            t0, t_prep = time.perf_counter(), 0.0
-        t_prep += time.perf_counter() - t_prep0
+        if step == timed_from:
+            t0, t_prep, t_eval = time.perf_counter(), 0.0, 0.0
+        t_prep += time.perf_counter() - tick  # data loading + masking, host side
         common.set_lr(optimizer, common.lr_at(step, total_steps, args.warmup, args.lr))
         with s.ctx:
             loss, stats = model(b)
@@ -551,30 +549,29 @@ def train(args):
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         optimizer.step()
         loss = loss.detach()
-        if (step + 1) % eval_every == 0 or step + 1 == total_steps:
+        if s.master and ((step + 1) % eval_every == 0 or step + 1 == total_steps):
+            t_ev = time.perf_counter()
             record = dict(step=step + 1, epoch=epoch, loss=float(loss),
-                          val=evaluate(raw_model, val_data, args, s) if s.master else None)
+                          val=evaluate(raw_model, val_data, args, s))
             history.append(record)
-            if s.master:
-                log.log(record)
-                print(f"step {step + 1}/{total_steps} loss {float(loss):.4f} "
-                      f"val {record['val']['loss']:.4f}")
-        t_prep0 = time.perf_counter()
+            log.log(record)
+            print(f"step {step + 1}/{total_steps} loss {float(loss):.4f} "
+                  f"val {record['val']['loss']:.4f}")
+            common.save_checkpoint(Path(args.out) / "mpm.pt", method="mpm", args=args,
+                                   model=raw_model, encoder=raw_model.encoder,
+                                   encoder_config=enc_cfg, optimizer=optimizer, step=step + 1,
+                                   generators=dict(mask=mask_gen), kmeans=fit)
+            t_eval += time.perf_counter() - t_ev
+        tick = time.perf_counter()
     if s.device_type == "cuda":
         torch.cuda.synchronize()
-    n_timed = step + 1 - timed_from
     throughput = {}
-    if t0 is not None and n_timed > 0:
-        seconds = time.perf_counter() - t0
-        throughput = dict(jets_per_s=n_timed * args.batch_size * s.world_size / seconds,
-                          prep_fraction=t_prep / seconds)
-        print(f"throughput {throughput['jets_per_s']:.0f} jets/s (data + masking "
-              f"{100 * throughput['prep_fraction']:.0f}% of the time, host side)")
-    if s.master:
-        common.save_checkpoint(Path(args.out) / "mpm.pt", method="mpm", args=args,
-                               model=raw_model, encoder=raw_model.encoder,
-                               encoder_config=enc_cfg, optimizer=optimizer, step=step + 1,
-                               generators=dict(mask=mask_gen), kmeans=fit)
+    if t0 is not None:
+        seconds = time.perf_counter() - t0 - t_eval
+        throughput = dict(jets_per_s=(step + 1 - timed_from) * args.batch_size * s.world_size
+                          / seconds, prep_fraction=t_prep / seconds)
+        print(f"throughput {throughput['jets_per_s']:.0f} jets/s end to end (data + masking "
+              f"{100 * throughput['prep_fraction']:.0f}% of it, host side; evaluation excluded)")
     # --- end of run: masked-token metrics and the linear probe vs the same encoder at init
     result = dict(loss=float(loss) if loss is not None else float("nan"),
                   val=history[-1]["val"] if history else evaluate(raw_model, val_data, args, s),

@@ -1,5 +1,7 @@
 """mpm.py: masking, the two input styles, K-means targets, determinism and a tiny overfit.
 Training runs read synthetic jets (common.load_jets patched), so the file runs in seconds."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -203,14 +205,24 @@ def test_tiny_model_overfits_one_batch(style, target):
         assert float(stats["token_acc"]) == 1.0
 
 
-def test_same_seed_runs_are_bitwise_equal_and_checkpoint_holds_kmeans(fake_data):
+def test_same_seed_runs_are_bitwise_equal_and_resume_continues_exactly(fake_data, monkeypatch):
+    real_save = common.save_checkpoint
+
+    def save_and_keep_step3(path, **kw):  # keep the mid-run checkpoint (after epoch 1 of 2)
+        real_save(path, **kw)
+        if kw["step"] == 3 and not (fake_data / "step3.pt").exists():
+            shutil.copy(path, fake_data / "step3.pt")
+
+    monkeypatch.setattr(common, "save_checkpoint", save_and_keep_step3)
     out = []
-    for run in ("a", "b"):
-        args = mpm.get_args(TINY + ["--out", str(fake_data / run)])
+    for run, extra in (("a", []), ("b", []), ("resumed", ["--resume", str(fake_data / "step3.pt")])):
+        args = mpm.get_args(TINY + ["--out", str(fake_data / run)] + extra)
         out.append((mpm.train(args), torch.load(fake_data / run / "mpm.pt", weights_only=True)))
-    (r1, c1), (r2, c2) = out
-    assert r1["loss"] == r2["loss"] and r1["val"] == r2["val"] and r1["probe"] == r2["probe"]
-    assert all(torch.equal(c1["model"][k], c2["model"][k]) for k in c1["model"])
+    (r1, c1), (r2, c2), (r3, c3) = out
+    assert c1["step"] == 6 and c3["step"] == 6
+    for r, c in ((r2, c2), (r3, c3)):
+        assert r1["loss"] == r["loss"] and r1["val"] == r["val"] and r1["probe"] == r["probe"]
+        assert all(torch.equal(c1["model"][k], c["model"][k]) for k in c1["model"])
     cached = list((fake_data / "cache").glob("mpm_kmeans_*.pt"))
     assert len(cached) == 1
     assert torch.equal(torch.load(cached[0])["centroids"], c1["kmeans"]["centroids"])
