@@ -1,6 +1,6 @@
 """JetCLR: contrastive pretraining of a jet encoder with physical augmentations.
 
-Idea (Dillon, Kasieczka, Olischlager, Plehn, Thompson, Veitch, arXiv 2108.04253; scaling study
+Idea (Dillon et al., "Symmetries, safety and self-supervision", arXiv 2108.04253; scaling study
 arXiv 2408.09343): two randomly augmented views of the same jet should map to nearby points on
 the unit sphere, views of different jets to distant points. The augmentations encode the
 symmetries a tagger should respect: rotation about the jet axis in (eta, phi), translation in
@@ -23,14 +23,17 @@ Deviations from the paper / public code (bmdillon/JetCLR), and why:
   to the attention logits (the shared blocks take a ParT pair bias instead: --pair-bias).
 - Inputs: 7 ParT "kin" features of up to --n-max particles instead of (pT, eta, phi) of 50.
 - Collinear splitting: each real particle is split with probability --split-prob while free
-  padding slots last (never beyond --n-max), instead of filling a jet up to 50 particles.
+  padding slots last (never beyond --n-max), instead of filling a jet up to 50 particles; it
+  runs before the rotation (the two commute). The smearing width is capped at 0.8 (see augment).
 - Bugs of the public code not repeated: padding is never smeared or counted in the translation
   range; no jet loses pT in the splitting; the LCT jets are never augmented; the LCT is trained
   on the validation split and scored on the test split; everything runs on a CPU.
 - Optimiser: AdamW with warm-up and cosine decay (common's), lr 5e-4 for the small encoder.
 
 GPU:  python jetclr.py --data pythia --data-dir data/pythia10 --epochs 100 --batch-size 256 --compile
-CPU:  OMP_NUM_THREADS=1 python jetclr.py --n-jets 2000 --epochs 2 --dim 32 --depth 2 --n-eval 1000
+CPU:  OMP_NUM_THREADS=1 python jetclr.py --n-jets 1000 --epochs 2 --dim 32 --depth 2 --n-eval 500
+Add --profile to time data / augmentations / step separately, --scaling 500,1000,2000 for the
+pretraining-size study (pretrain on each size, fine-tune each with finetune.py, table + PNG).
 """
 import argparse
 import copy
@@ -90,6 +93,8 @@ def get_args(argv=None):
                    help="comma-separated pretraining sizes: pretrain on each, fine-tune, table + PNG")
     g.add_argument("--scaling-labels", type=int, default=1000,
                    help="labelled training jets of each fine-tuning in --scaling (same jets for all)")
+    g.add_argument("--scaling-finetune-epochs", type=int, default=20,
+                   help="epochs of each fine-tuning in --scaling (warm-up: --warmup steps)")
     args = p.parse_args(argv)
     for name in ("translate_width", "smear_gev"):
         if getattr(args, name) < 0:
@@ -142,7 +147,8 @@ def from_centred(c, valid, axis):
 
 def augment(p4, valid, axis, gen, rotate=True, translate=1.0, smear=0.1, split=0.5, smear_max=0.8):
     """One random view of a batch. p4 (B, N, 4), valid (B, N) -> (p4', valid').
-    Order as in the paper's code: rotate, split, smear, translate. translate/smear/split = 0 turn
+    Order: split, rotate, smear, translate (the paper's code rotates first; a
+    rotation about the axis commutes with a collinear split). translate/smear/split = 0 turn
     an augmentation off. Random numbers come from `gen` (a CPU generator) and are moved to p4's
     device; padding slots stay zero unless a split particle is placed there.
     smear_max caps the smearing width (radians) at the jet radius: 0.1 GeV / pT exceeds it below
@@ -154,31 +160,29 @@ def augment(p4, valid, axis, gen, rotate=True, translate=1.0, smear=0.1, split=0
         return torch.rand(*shape, generator=gen).to(dev)
 
     c = to_centred(p4, valid, axis)  # (B, N, 4): pT, deta, dphi, m
+    if split > 0:
+        # rank the real particles in a random order; the k-th chosen one goes to the k-th free slot
+        u, z = rand(B, N), rand(B, N)
+        key = torch.where(valid, u, 2.0)  # padding never chosen
+        order = key.argsort(dim=1, stable=True)  # (B, N) slot of the particle with rank k
+        k = torch.arange(N, device=dev).expand(B, N)
+        chosen = (key.gather(1, order) < split) & (k < (~valid).sum(1, keepdim=True))  # per rank
+        # free slots in slot order (valid slots sort after them): children fill the first ones,
+        # so valid-first order (which trim_batch relies on) survives
+        dest = (valid.long() * N + k).argsort(1)  # (B, N) k-th free slot
+        zk = torch.where(chosen, z, 0.0)  # (B, N) fraction carried away by the child of rank k
+        is_mom = torch.tensor([True, False, False, True], device=dev)  # pT and m scale, angles stay
+        parent = c.gather(1, order[..., None].expand(-1, -1, 4))  # (B, N, 4) per rank
+        child = torch.where(is_mom, parent * zk[..., None], parent)
+        keep = torch.ones_like(z).scatter(1, order, 1 - zk)  # (B, N) per slot: parent keeps 1 - z
+        c = torch.where(is_mom, c * keep[..., None], c)
+        dest4 = dest[..., None].expand(-1, -1, 4)
+        c = c.scatter(1, dest4, torch.where(chosen[..., None], child, c.gather(1, dest4)))
+        valid = valid.scatter(1, dest, chosen | valid.gather(1, dest))
     pt, deta, dphi, m = c.unbind(-1)
     if rotate:
         a = 2 * math.pi * rand(B, 1)
         deta, dphi = torch.cos(a) * deta - torch.sin(a) * dphi, torch.sin(a) * deta + torch.cos(a) * dphi
-    if split > 0:
-        # rank the real particles in a random order; the k-th chosen one goes to the k-th free slot
-        u, z = rand(B, N), rand(B, N)
-        key = torch.where(valid, u, torch.full_like(u, 2.0))  # padding never chosen
-        order = key.argsort(1)  # (B, N) slot of the particle with rank k
-        free = (~valid).sum(1, keepdim=True)  # (B, 1)
-        k = torch.arange(N, device=dev).expand(B, N)
-        chosen = (key.gather(1, order) < split) & (k < free)  # (B, N) per rank
-        # free slots in slot order (valid slots sort after them), so children fill the first ones
-        dest = (valid.long() * N + k).argsort(1)  # (B, N) k-th free slot
-        zk = torch.where(chosen, z, torch.zeros_like(z))  # fraction carried away by the child
-        keep = torch.ones_like(pt).scatter(1, order, 1 - zk)  # parent keeps 1 - z
-        cols = [pt, deta, dphi, m]
-        new = []
-        for j, col in enumerate(cols):
-            parent = col.gather(1, order)  # (B, N) per rank
-            child = parent * zk if j in (0, 3) else parent  # pT and m scale, angles stay
-            scaled = col * keep if j in (0, 3) else col
-            new.append(scaled.scatter(1, dest, torch.where(chosen, child, scaled.gather(1, dest))))
-        pt, deta, dphi, m = new
-        valid = valid.scatter(1, dest, chosen | valid.gather(1, dest))
     if smear > 0:
         sigma = (smear / torch.where(valid, pt, torch.ones_like(pt))).clamp(max=smear_max)
         noise = torch.randn(2, B, N, generator=gen).to(dev)
@@ -467,11 +471,11 @@ def scaling_study(args):
     sizes = [int(n) for n in args.scaling.split(",")]
 
     def finetune_mean(ckpt, name, scratch=False):
-        argv = ["--ckpt", str(ckpt), "--mode", "finetune", "--head", "linear", "--n-labels",
-                str(args.scaling_labels), "--data", args.data, "--epochs", str(args.epochs),
-                "--batch-size", str(args.batch_size), "--device", args.device, "--seed",
-                str(args.seed), "--n-max", str(args.n_max), "--out", str(out / "scaling_finetune"),
-                "--name", name] + ["--scratch"] * scratch
+        argv = ["--ckpt", str(ckpt), "--mode", "finetune", "--head", "linear",
+                "--n-labels", str(args.scaling_labels), "--epochs", str(args.scaling_finetune_epochs),
+                "--data", args.data, "--batch-size", str(args.batch_size), "--device", args.device,
+                "--seed", str(args.seed), "--n-max", str(args.n_max), "--warmup", str(args.warmup),
+                "--out", str(out / "scaling_finetune"), "--name", name] + ["--scratch"] * scratch
         argv += ["--data-dir", args.data_dir] if args.data_dir else []
         argv += ["--n-eval", str(args.n_eval)] if args.n_eval else []
         return finetune.main(finetune.get_args(argv))["mean"]

@@ -212,7 +212,7 @@ def test_bad_flags_fail_clearly():
 
 def test_scaling_study_writes_table_and_plot(tiny_args, tmp_path):
     r = jetclr.train(tiny_args("scal", "--epochs", "1", "--no-lct", "--scaling", "64,128",
-                               "--scaling-labels", "100"))
+                               "--scaling-labels", "100", "--scaling-finetune-epochs", "1"))
     assert [row["n"] for row in r["rows"]] == [0, 64, 128]
     assert all(0 <= row["ft_auc"] <= 1 for row in r["rows"])
     assert (tmp_path / "scal" / "jetclr_scaling.png").stat().st_size > 1000
