@@ -13,8 +13,9 @@ Physics (generator level, no detector simulation):
        quark/gluon mix, and dijets give two jets per event. The Top Tagging set uses dijets too.
   H*   HiggsSM:gg2Hg(l:t), qg2Hq(l:t), qqbar2Hg(l:t) (boosted H + jet, top loop resolved), with the
        Higgs decay forced: Hbb (b b~), Hcc (c c~), Hgg (g g), H4q (H -> W W* -> q q q q),
-       Hqql (H -> W W* -> q q l nu: both W may decay to q q, e nu, mu nu and only events with
-       exactly one leptonic W in the jet pass the truth match below).
+       Hqql (H -> W W* -> q q l nu: two Pythias per chunk, one with W+ -> q q', W- -> l nu and
+       one with the charges swapped, take turns batch by batch, so both lepton charges appear
+       equally and no event is wasted on W W -> 4q or 2l).
   Zqq, Wqq  WeakBosonAndParton (q q~ -> V g, q g -> V q), Z (no gamma*) -> q q~ (q = d u s c b),
        W -> q q'.
   Tbqq, Tbl  Top:gg2ttbar, qqbar2ttbar with every W forced to q q' (Tbqq) or to e nu / mu nu
@@ -92,7 +93,7 @@ PROCESSES = {
     "Hcc": HIGGS + ["25:onIfMatch = 4 -4"],
     "Hgg": HIGGS + ["25:onIfMatch = 21 21"],
     "H4q": HIGGS + ["25:onIfMatch = 24 -24", "24:onMode = off", W_HAD],
-    "Hqql": HIGGS + ["25:onIfMatch = 24 -24", "24:onMode = off", "24:onIfAny = 1 2 3 4 5 11 13"],
+    "Hqql": HIGGS + ["25:onIfMatch = 24 -24", "24:onMode = off"],
     "Zqq": ["WeakBosonAndParton:qqbar2gmZg = on", "WeakBosonAndParton:qg2gmZq = on",
             "WeakZ0:gmZmode = 2", "23:onMode = off", "23:onIfAny = 1 2 3 4 5"],
     "Wqq": ["WeakBosonAndParton:qqbar2Wg = on", "WeakBosonAndParton:qg2Wq = on",
@@ -103,6 +104,9 @@ PROCESSES = {
 # truth match: (resonance |PDG id|, number of its visible decay products that must be in the jet)
 TRUTH = {"Hbb": (25, 2), "Hcc": (25, 2), "Hgg": (25, 2), "H4q": (25, 4), "Hqql": (25, 3),
          "Zqq": (23, 2), "Wqq": (24, 2), "Tbqq": (6, 3), "Tbl": (6, 2)}
+# Pythia variants taking turns within one chunk (Pythia can force a decay per charge, not per W)
+VARIANTS = {"Hqql": [["24:onPosIfAny = 1 2 3 4 5", "24:onNegIfAny = 11 13"],
+                     ["24:onPosIfAny = 11 13", "24:onNegIfAny = 1 2 3 4 5"]]}
 RESONANCES = np.array([6, 23, 24, 25])
 NEUTRINOS = np.array([12, 14, 16])
 R_JET = 0.8
@@ -119,11 +123,11 @@ def label_dtype(c):
 
 
 # --- one Pythia per task -----------------------------------------------------------------------
-def make_pythia(cls, preset, seed, mpi=False):
+def make_pythia(cls, preset, seed, mpi=False, extra=()):
     import pythia8mc
     p = PRESETS[preset]
     pythia = pythia8mc.Pythia("", False)
-    settings = PROCESSES[cls] + [
+    settings = PROCESSES[cls] + list(extra) + [
         f"Beams:eCM = {p['ecm']}",
         f"PhaseSpace:pTHatMin = {0.9 * p['pt'][0]}",
         f"PhaseSpace:pTHatMax = {1.1 * p['pt'][1]}",
@@ -301,24 +305,26 @@ def make_charge_of(pythia):
 
 # --- one task = one output file ------------------------------------------------------------------
 def generate_jets(cls, n_jets, preset, seed, mpi=False, report=None):
-    """n_jets jets of one class from a fresh Pythia seeded with `seed` -> (nconst, part, jet)."""
-    pythia = make_pythia(cls, preset, seed, mpi)
-    charge_of = make_charge_of(pythia)
+    """n_jets jets of one class from fresh Pythia(s) seeded with `seed` -> (nconst, part, jet)."""
+    variants = VARIANTS.get(cls, [()])
+    pythias = [make_pythia(cls, preset, seed + i, mpi, extra) for i, extra in enumerate(variants)]
+    charge_of = make_charge_of(pythias[0])
     chunks, done, events = [], 0, 0
-    batch = min(100, 8 * n_jets + 8)  # small first batch: tiny samples stay fast
+    batch = min(100, 8 * n_jets + 8)  # events per Pythia; small first batch keeps tiny samples fast
     while done < n_jets:
-        out = jets_from_batch(pythia.nextBatch(batch), cls, preset, charge_of)
-        events += batch
-        n = len(out["nconst"])
-        chunks.append(out)
-        done += n
-        if report is not None:
-            report(min(n, n_jets - done + n))
+        for pythia in pythias:  # variants get the same number of events
+            out = jets_from_batch(pythia.nextBatch(batch), cls, preset, charge_of)
+            events += batch
+            n = len(out["nconst"])
+            chunks.append(out)
+            if report is not None:
+                report(max(0, min(n, n_jets - done)))
+            done += n
         if done == 0 and events >= 5000:
             raise RuntimeError(f"{cls}: no jet passed the window and truth match in {events} events")
         # next batch sized from the efficiency so far (deterministic: depends only on the events)
         eff = max(done, 1) / events
-        batch = int(min(2000, max(20, 1.2 * (n_jets - done) / eff)))
+        batch = int(min(2000, max(20, 1.2 * (n_jets - done) / eff / len(pythias))))
     nconst = np.concatenate([c["nconst"] for c in chunks])[:n_jets]
     n_part = int(nconst.sum())
     part = {k: np.concatenate([c["part"][k] for c in chunks])[:n_part] for k in chunks[0]["part"]}
@@ -371,9 +377,10 @@ def run_task(task, report=None):
 
 # --- planning: classes x chunks x splits ---------------------------------------------------------
 def task_seed(seed, cls, k):
-    """Pythia seed in [1, 900,000,000] from (seed, class, chunk index)."""
+    """Pythia seed in [1, 899,999,990] (Pythia takes up to 900,000,000; a chunk with several
+    Pythias uses seed + i) from (seed, class, chunk index)."""
     state = np.random.SeedSequence([seed, CLASSES.index(cls), k]).generate_state(1)[0]
-    return int(state % 900_000_000) + 1
+    return int(state % 899_999_990) + 1
 
 
 def plan(out, classes, jets_per_class, seed, preset, split, jets_per_file, mpi):

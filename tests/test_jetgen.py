@@ -124,3 +124,12 @@ def test_bad_input(tmp_path):
         jetgen.generate(tmp_path, jets_per_class=5, split=(0.5, 0.1, 0.1), progress=False)
     with pytest.raises(SystemExit, match="--classes"):
         jetgen.main(["--out", str(tmp_path), "--classes", "Top"])
+
+
+def test_leptonic_jets_contain_their_lepton(tiny_pythia10):
+    """Tbl and Hqql truth matching requires the charged lepton inside the jet; Wqq has none from W."""
+    import awkward as ak
+    for c in ("Tbl", "Hqql"):
+        a = read(tiny_pythia10 / "train" / f"{jetgen.PREFIX[c]}_000.root")
+        n_lep = ak.to_numpy(ak.sum(a["part_isElectron"] + a["part_isMuon"], axis=1))
+        assert (n_lep >= 1).all(), c
