@@ -201,7 +201,7 @@ def split_batch(batch, mask, style):
 def kmeans_assign(points, centroids, chunk=65536):
     """Nearest centroid of each point (P, D) -> (P,) int64, in fp32 or better even under autocast
     (bf16 distances would reorder close centroids)."""
-    c = centroids.float() if centroids.dtype not in (torch.float32, torch.float64) else centroids
+    c = centroids if centroids.dtype == torch.float64 else centroids.float()
     c2 = (c * c).sum(1)                                                  # (K,)
     out = []
     with torch.autocast(points.device.type, enabled=False):
@@ -231,10 +231,12 @@ def fit_kmeans(points, k, steps, batch_size, generator):
 
 
 def kmeans_sample(jets, features, n_particles, generator):
-    """Up to n_particles real (never padding) particles of the training jets -> raw targets."""
+    """Up to n_particles real (never padding) particles from random training jets (the jets are
+    stored class by class, so the first ones would all be of one class) -> raw targets."""
     n_jets = min(len(jets), max(1, n_particles // 8))  # ~8+ real particles per jet is plenty
-    valid = torch.from_numpy(np.array(jets.valid[:n_jets]))  # copies: the cache is read-only
-    x = torch.from_numpy(np.array(jets.x[:n_jets]))[valid]               # (P, F) real only
+    rows = torch.randperm(len(jets), generator=generator)[:n_jets].sort().values.numpy()
+    valid = torch.from_numpy(np.asarray(jets.valid[rows]))  # fancy indexing copies: writable
+    x = torch.from_numpy(np.asarray(jets.x[rows]))[valid]                # (P, F) real only
     pick = torch.randperm(len(x), generator=generator)[:n_particles].sort().values
     return raw_targets(x[pick], features)
 
@@ -301,6 +303,8 @@ class MPMEncoder(common.Encoder):
             seen = valid & ~mask
         pair = None
         if self.cfg.pair_dim:
+            if p4 is None:
+                raise ValueError("MPMEncoder: pair_dim is set (--pair-bias), so forward needs p4")
             pair = self.pair_bias(torch.where(seen[..., None], p4, 0.0), seen)  # (B, N, N, H)
             pair = F.pad(pair, (0, 0, R, 0, R, 0))                           # registers: 0
         h = torch.cat([self.registers.expand(B, -1, -1).to(h.dtype), h], 1)  # (B, R + N, C)
