@@ -14,12 +14,12 @@ Physics (generator level, no detector simulation):
   H*   HiggsSM:gg2Hg(l:t), qg2Hq(l:t), qqbar2Hg(l:t) (boosted H + jet, top loop resolved), with the
        Higgs decay forced: Hbb (b b~), Hcc (c c~), Hgg (g g), H4q (H -> W W* -> q q q q),
        Hqql (H -> W W* -> q q l nu: two Pythias per chunk, one with W+ -> q q', W- -> l nu and
-       one with the charges swapped, take turns batch by batch, so both lepton charges appear
+       one with the charges swapped, get the same number of events, so both lepton charges appear
        equally and no event is wasted on W W -> 4q or 2l).
   Zqq, Wqq  WeakBosonAndParton (q q~ -> V g, q g -> V q), Z (no gamma*) -> q q~ (q = d u s c b),
        W -> q q'.
   Tbqq, Tbl  Top:gg2ttbar, qqbar2ttbar with every W forced to q q' (Tbqq) or to e nu / mu nu
-       (Tbl; l = e or mu, as in MadGraph's default "l" used for JetClass).
+       (Tbl; l = e or mu, tau left out: our choice, as for Hqql).
 - Final-state particles with c*tau > 10 mm are stable (the usual generator-level convention, so
   K_S0 and Lambda reach the "detector" and carry impact parameters of cm).
 - Multi-parton interactions are OFF by default (3x faster; the Top Tagging set had none, JetClass
@@ -31,8 +31,8 @@ Physics (generator level, no detector simulation):
 - Truth matching (signal classes): a jet is kept only if every visible decay product of one
   resonance (top, H, W, Z; the partons/leptons right after the decay, before showering) lies
   within dR < 0.8 of the jet axis. Neutrinos are invisible and excluded from this requirement
-  (Tbl: b and charged lepton; Hqql: two quarks and the charged lepton), as in JetClass, whose
-  Tbl/Hqql jets contain the lepton but cannot contain the neutrino.
+  (Tbl: b and charged lepton; Hqql: two quarks and the charged lepton); JetClass's jets are
+  made of detector objects, which cannot contain the neutrino either.
 
 Branches (tree "tree", the names and dtypes of the real JetClass files, see ANCHORS.md):
 - part_px/py/pz/energy (GeV), part_deta = (eta - jet_eta) * sign(jet_eta) (JetClass's convention),
@@ -46,7 +46,7 @@ Branches (tree "tree", the names and dtypes of the real JetClass files, see ANCH
   Neutral particles get 0 for all four, as in JetClass.
 - label_QCD (float32), label_Hbb..label_Hqql (bool), label_Zqq..label_Tbl (int32): one-hot.
 - jet_pt/eta/phi/energy (the E-scheme sum of the constituents), jet_nparticles, jet_sdmass
-  (soft drop on the C/A reclustered jet, beta = 0, z_cut = 0.1, R0 = 0.8), jet_tau1..4
+  (soft-drop mass of the C/A reclustered jet, beta = 0, z_cut = 0.1, R0 = 0.8), jet_tau1..4
   (N-subjettiness from fastjet-contrib via fastjet's python package: normalised measure,
   beta = 1, R0 = 0.8, exclusive-kt axes without minimisation), all float32.
 - uproot also writes "npart", the shared counter of the part_* branches.
@@ -54,17 +54,17 @@ Branches (tree "tree", the names and dtypes of the real JetClass files, see ANCH
 Files: OUT/{train,val,test}/<JetClass prefix>_<k>.root (e.g. TTBar_000.root). Each class is cut
 into chunks of at most --jets-per-file jets; chunk k is one task with its own Pythia, seeded from
 (seed, class, k), and its jets go 80/10/10 (by default) into train/, val/, test/ file k. The
-content of a file therefore does not depend on --workers. Same seed -> identical arrays. The ROOT files themselves are not byte
-identical: uproot stamps each file and key with the creation time and a random UUID.
-Writes are atomic (X.root.tmp, then os.replace) and finished files are skipped, so an
-interrupted run resumes where it stopped.
+content of a file therefore does not depend on --workers. Same seed -> identical arrays; the
+ROOT files themselves are not byte identical, since uproot stamps each file and key with the
+creation time and a random UUID. Writes are atomic (X.root.tmp, then os.replace) and finished
+files are skipped, so an interrupted run resumes where it stopped (a missing file re-runs its
+chunk and only the missing files are written).
 """
 import argparse
 import math
 import multiprocessing as mp
 import os
 import queue
-import sys
 import time
 from pathlib import Path
 
@@ -237,7 +237,8 @@ def jets_from_batch(events, cls, preset, charge_of):
     jpx, jpy, jpz, je = (_flat(jets.px), _flat(jets.py), _flat(jets.pz), _flat(jets.E))
     jeta, jphi, jpt = _eta_phi(jpx, jpy, jpz)
     jevent = np.repeat(np.arange(len(counts)), njet)
-    rank = ak.to_numpy(ak.flatten(ak.argsort(ak.argsort(ak.unflatten(-jpt, njet), stable=True), stable=True)))
+    by_pt = ak.argsort(ak.unflatten(-jpt, njet), stable=True)
+    rank = ak.to_numpy(ak.flatten(ak.argsort(by_pt, stable=True)))  # pT rank of each jet in its event
     keep = (rank < 2) & (jpt >= p["pt"][0]) & (jpt < p["pt"][1]) & (np.abs(jeta) < p["eta"])
 
     if cls in TRUTH:

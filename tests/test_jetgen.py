@@ -127,7 +127,7 @@ def test_bad_input(tmp_path):
 
 
 def test_leptonic_jets_contain_their_lepton(tiny_pythia10):
-    """Tbl and Hqql truth matching requires the charged lepton inside the jet; Wqq has none from W."""
+    """Tbl and Hqql truth matching requires the charged lepton from the W inside the jet."""
     import awkward as ak
     for c in ("Tbl", "Hqql"):
         a = read(tiny_pythia10 / "train" / f"{jetgen.PREFIX[c]}_000.root")
