@@ -401,7 +401,7 @@ def plan(out, classes, jets_per_class, seed, preset, split, jets_per_file, mpi):
     tasks = []
     for c in classes:
         n_train = round(jets_per_class * split[0])
-        n_val = round(jets_per_class * split[1])
+        n_val = min(round(jets_per_class * split[1]), jets_per_class - n_train)
         per_split = (n_train, n_val, jets_per_class - n_train - n_val)
         n_chunks = math.ceil(jets_per_class / jets_per_file)
         for k in range(n_chunks):
