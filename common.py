@@ -198,7 +198,9 @@ def _open_root(path):
 
 def _num_entries(source, path):
     if source == "toptagging":
-        return _open_h5(path)[1].shape[0]
+        f, table = _open_h5(path)
+        with f:
+            return table.shape[0]
     return _open_root(path).num_entries
 
 
@@ -525,12 +527,15 @@ def cluster_subjets(p4, valid, algorithm="ca", R=0.2, n_subjets=20, n_per_subjet
     jrow = np.repeat(np.arange(n), sub_counts)                      # jet of each subjet
     subid = np.repeat(np.arange(len(jrow)), c_counts)               # subjet of each constituent
     gflat = local + starts[jrow[subid]]                             # index into `flat`
-    sub4 = np.stack([np.bincount(subid, flat[gflat, c], minlength=len(jrow)) for c in range(4)], -1)
-    s_rank = _rank_desc(np.hypot(sub4[:, 0], sub4[:, 1]), sub_counts)     # pT rank in its jet
-    c_rank = _rank_desc(np.hypot(flat[gflat, 0], flat[gflat, 1]), c_counts)  # pT rank in subjet
+    g4 = flat[gflat]                                                # (constituents, 4)
+    sub4 = np.stack([np.bincount(subid, g4[:, c], minlength=len(jrow)) for c in range(4)], -1)
+    s_rank = _rank_desc(np.hypot(sub4[:, 0], sub4[:, 1]), sub_counts)  # pT rank in its jet
+    c_rank = _rank_desc(np.hypot(g4[:, 0], g4[:, 1]), c_counts)        # pT rank in its subjet
     keep = (s_rank[subid] < n_subjets) & (c_rank < n_per_subjet)
-    idx = np.full((n, n_subjets, n_per_subjet), -1, dtype=np.int64)
-    idx[jrow[subid][keep], s_rank[subid][keep], c_rank[keep]] = where[gflat[keep]]
+    slot = (jrow[subid] * n_subjets + s_rank[subid]) * n_per_subjet + c_rank
+    idx = np.full(n * n_subjets * n_per_subjet, -1, dtype=np.int64)
+    idx[slot[keep]] = where[gflat[keep]]
+    idx = idx.reshape(n, n_subjets, n_per_subjet)
     out = np.zeros((n, n_subjets, 4), dtype=np.float32)
     keep_s = s_rank < n_subjets
     out[jrow[keep_s], s_rank[keep_s]] = sub4[keep_s]
