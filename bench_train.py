@@ -146,7 +146,9 @@ def main(args):
             torch.manual_seed(args.seed)
             raw = build().to(device).train()
             n_params = sum(p.numel() for p in raw.parameters())
-            model = torch.compile(raw) if compiled else raw
+            # ours: one static graph per length bucket; weaver trims to a different length every
+            # step inside forward, so it needs dynamic shapes (torch's default after a recompile)
+            model = (torch.compile(raw, dynamic=False if data is ours else None) if compiled else raw)
             sec = time_steps(model, data, make_inputs, args, device, ctx)
             mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             rows.append((label, size, n_params, compiled, args.batch_size / sec, 1e3 * sec, mem))

@@ -8,6 +8,10 @@
 # Padding: the data comes valid-first, so a batch can be cut to its longest jet. That cut
 # needs a host sync (.item()), so it lives OUTSIDE forward: call trim_batch(...) in the
 # training loop / collate step; forward itself only masks, and never syncs or breaks graphs.
+# torch.compile then builds one static graph per length bucket (8 buckets at n_max = 128 with
+# multiple = 16; measured: N is specialised, so dynamic shapes do not merge them). Train and
+# eval mode are separate graphs too: 16 in all, so raise torch._dynamo.config.recompile_limit
+# (default 8) or compile with fewer buckets, else dynamo silently falls back to eager.
 import math
 from dataclasses import dataclass
 
