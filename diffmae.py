@@ -25,7 +25,10 @@ Deviations from the talk / papers, and why:
 - Fixed-variance DDPM (posterior variance): MAR also learns the variance with a variational term.
 - u-muP (unit-scaled maximal update parametrisation) is skipped: the `unit-scaling` package is beta
   and has no GQA, cross-attention or padding masks. Plain init (normal 0.02) and AdamW instead.
-- One set of masks per jet and step; MAR's masking-ratio schedule is not used.
+- One set of masks per jet and step; MAR's masking-ratio schedule is not used. A `--pred-ratio`
+  above `--mask-ratio` is capped at the hidden count (CrossMAE decodes a subset of the hidden tokens).
+- With a padding mask, SDPA's `enable_gqa` may fall back to the math kernel; `--attn expand`
+  repeats K/V instead and `--bench N` times either (keep the faster on your GPU).
 
 GPU:  python diffmae.py --data jetclass --preset 8m --epochs 20 --batch-size 512 --compile
 CPU:  OMP_NUM_THREADS=1 python diffmae.py --data pythia --data-dir data/pythia10 --preset 1m \
@@ -78,6 +81,8 @@ def get_args(argv=None):
     g.add_argument("--diff-mul", type=int, default=4, help="(t, noise) draws per token per step")
     g.add_argument("--sample-steps", type=int, default=100, help="respaced steps of the sampler")
     g.add_argument("--temperature", type=float, default=1.0, help="sampler noise temperature")
+    g.add_argument("--sample-clip", type=float, default=5.0,
+                   help="sampler: clamp predicted x0 to +-this (the ParT recipe clips to +-5); 0: off")
     g = p.add_argument_group("optimiser")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "schedulefree"],
                    help="AdamW + --schedule, or schedule-free AdamW (pip install schedulefree)")
@@ -319,9 +324,11 @@ def diffusion_loss(net, x0, z, valid, t, noise, alpha_bar):
 
 
 @torch.no_grad()
-def ddpm_sample(net, z, n_feat, alpha_bar, steps=100, temperature=1.0, gen=None):
+def ddpm_sample(net, z, n_feat, alpha_bar, steps=100, temperature=1.0, gen=None, clip=None):
     """Ancestral DDPM on the schedule respaced to `steps`; temperature scales only the added noise.
-    z (..., C) -> samples (..., n_feat). Noise is drawn on CPU from `gen`."""
+    z (..., C) -> samples (..., n_feat). Noise is drawn on CPU from `gen`. clip: clamp the predicted
+    x0 to [-clip, clip] at every step; early steps divide by sqrt(alpha_bar) ~ 1e-4, so a poorly
+    trained predictor would otherwise blow up (as image DDPMs clip to the pixel range)."""
     ts = torch.linspace(0, len(alpha_bar) - 1, steps).round().long()
     ab = alpha_bar.cpu().double()[ts]
     ab_prev = torch.cat([torch.ones(1, dtype=ab.dtype), ab[:-1]])
@@ -331,6 +338,7 @@ def ddpm_sample(net, z, n_feat, alpha_bar, steps=100, temperature=1.0, gen=None)
     for i in reversed(range(steps)):
         eps = net(x, ts[i].to(z.device).expand(x.shape[:-1]), z)
         x0 = (x - (1 - ab[i]).sqrt() * eps) / ab[i].sqrt()
+        x0 = x0.clamp(-clip, clip) if clip else x0
         mean = (ab_prev[i].sqrt() * beta[i] * x0 + (1 - beta[i]).sqrt() * (1 - ab_prev[i]) * x) / (1 - ab[i])
         x = mean.float()
         if i > 0:
@@ -376,8 +384,8 @@ def init_weights(m):
 
 # --- optimiser ---------------------------------------------------------------------------------------
 def make_optimizer(model, args, total_steps):
-    """Weight decay on the 2-D matrices of encoder and decoder only: not on norms, embeddings of the
-    mask token, nor anywhere in the diffusion MLP (as MAR)."""
+    """Weight decay on the 2-D matrices of encoder and decoder only: not on norm gains, the mask
+    token, nor anywhere in the diffusion MLP (as MAR)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and not name.startswith("diff.") else no_decay).append(p)
@@ -483,7 +491,7 @@ def gen_check(model, jets, args, device, ctx, feature_names, path):
     sel = batch["pred_valid"].cpu()
     true = batch["x_pred"].cpu()[sel]                                                       # (M, F)
     fake = ddpm_sample(model.diff, z.float()[batch["pred_valid"]], true.shape[1], model.alpha_bar,
-                       args.sample_steps, args.temperature, gen).cpu()
+                       args.sample_steps, args.temperature, gen, args.sample_clip).cpu()
     order = torch.randperm(len(true), generator=gen)   # val jets are stored class by class: mix them
     true, fake, half = true[order], fake[order], len(true) // 2
     # baseline: a "generator" that ignores its jet, i.e. true particles of other jets (the second half)
@@ -496,8 +504,7 @@ def gen_check(model, jets, args, device, ctx, feature_names, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    show = [f for f, n in enumerate(feature_names) if n in ("part_pt_log", "pt_log", "part_deltaR", "deltaR",
-                                                            "part_deta", "deta", "part_dphi", "dphi")][:4] or [0, 1, 2, 3]
+    show = [feature_names.index(n) for n in ("pt_log", "deltaR", "deta", "dphi")]
     fig, axes = plt.subplots(1, len(show), figsize=(4 * len(show), 3.2))
     for ax, f in zip(np.atleast_1d(axes), show):
         lo, hi = np.quantile(true[:, f].numpy(), [0.005, 0.995])

@@ -138,6 +138,10 @@ def test_sampler_recovers_gaussian_with_true_noise_predictor():
     torch.testing.assert_close(s.std(0), sig, rtol=0.05, atol=0)
     cold = diffmae.ddpm_sample(net, torch.zeros(100, 1), 3, ab, steps=100, temperature=0.0)
     assert float(cold.std(0).max()) < 1e-3                          # temperature scales only the noise
+    # an untrained (eps = 0) predictor explodes by 1/sqrt(alpha_bar) ~ 1e4 unless x0 is clipped
+    zero = lambda x, t, z: torch.zeros_like(x)
+    assert float(diffmae.ddpm_sample(zero, torch.zeros(50, 1), 3, ab).abs().max()) > 1e3
+    assert float(diffmae.ddpm_sample(zero, torch.zeros(50, 1), 3, ab, clip=5.0).abs().max()) < 6
 
 
 def test_all_padded_rows_finite():
