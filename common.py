@@ -50,7 +50,8 @@ DATA_DIR = Path(os.environ.get("NANOJET_DATA", Path(__file__).resolve().parent /
 
 
 def default_data_dir(source):
-    return DATA_DIR / source
+    """data/pythia, data/JetClass, data/toptagging (data/ beside common.py, or $NANOJET_DATA)."""
+    return DATA_DIR / {"jetclass": "JetClass"}.get(source, source)
 
 
 def cache_root(cache_dir=None):
@@ -326,11 +327,11 @@ READERS = {"pythia": read_root, "jetclass": read_root, "toptagging": read_h5}
 
 # --- data: finding files --------------------------------------------------------------------
 
-def _missing(source, where):
-    cmd = {"pythia": "python jetgen.py --out DIR  (or pass path=None to generate data/pythia)",
-           "jetclass": f"python common.py download jetclass --split val --dir {where}",
-           "toptagging": f"python common.py download toptagging --dir {where}"}[source]
-    return f"no {source} data found at {where}; get it with: {cmd}"
+def _missing(source, searched, root, split):
+    cmd = {"pythia": f"python jetgen.py --out {root}  (or leave path=None for the default sample)",
+           "jetclass": f"python common.py download jetclass --split {split} --dir {root}",
+           "toptagging": f"python common.py download toptagging --dir {root}"}[source]
+    return f"no {source} data found at {searched}; get it with: {cmd}"
 
 
 def find_files(source, path=None, split="train", classes=None):
@@ -347,14 +348,15 @@ def find_files(source, path=None, split="train", classes=None):
             raise ValueError("classes= selects JetClass processes; toptagging has QCD and top only")
         f = root if root.suffix == ".h5" else root / f"{split}.h5"
         if not f.is_file():
-            raise SystemExit(_missing(source, f))
+            raise SystemExit(_missing(source, f, f.parent, split))
         return [f]
     if root.is_dir() and any(root.glob("*.root")):
         folder = root  # a split folder given directly
     else:
         found = [root / d for d in SPLIT_DIRS[split] if (root / d).is_dir()]
         if not found:
-            raise SystemExit(_missing(source, root / SPLIT_DIRS[split][0]))
+            searched = root / SPLIT_DIRS[split][source == "pythia"]
+            raise SystemExit(_missing(source, searched, root, split))
         folder = found[0]
     unknown = set(classes or []) - set(CLASSES)
     if unknown:
@@ -363,7 +365,7 @@ def find_files(source, path=None, split="train", classes=None):
     prefixes = tuple(PREFIX[c] + "_" for c in (classes or CLASSES))
     files = sorted(f for f in folder.glob("*.root") if f.name.startswith(prefixes))
     if not files:
-        raise SystemExit(_missing(source, folder) + f" (no files for classes {classes or 'all'})")
+        raise SystemExit(_missing(source, folder, root, split) + f" (no files for {classes or 'any class'})")
     return files
 
 
@@ -597,8 +599,8 @@ def load_subjets(jets, algorithm="ca", R=0.2, n_subjets=20, n_per_subjet=30, cac
 
 
 # --- data: download -------------------------------------------------------------------------
-# `python common.py download jetclass --split val --dir data/JetClass` (5M jets, 7.6 GB tar)
-# `python common.py download toptagging --dir data/toptagging` (train/val/test .h5, ~1.6 GB)
+# `python common.py download jetclass --split val --dir data/JetClass`   (5M jets, one tarball)
+# `python common.py download toptagging --dir data/toptagging`           (train/val/test .h5)
 
 ZENODO_JETCLASS = "https://zenodo.org/record/6619768/files/"
 ZENODO_TOPTAG = "https://zenodo.org/record/2603256/files/"
@@ -683,7 +685,7 @@ def extract_root_tar(tar_path, out_dir, split_dir):
 
 
 def download(dataset, split="val", out_dir=None, progress=True):
-    out_dir = Path(out_dir or default_data_dir("JetClass" if dataset == "jetclass" else dataset))
+    out_dir = Path(out_dir or default_data_dir(dataset))
     out_dir.mkdir(parents=True, exist_ok=True)
     if dataset == "toptagging":
         for url, md5 in DOWNLOADS[("toptagging", None)]:
@@ -713,7 +715,7 @@ def main(argv=None):
     dl = sub.add_parser("download", help="download a public dataset (resumable, md5-checked)")
     dl.add_argument("dataset", choices=["jetclass", "toptagging"])
     dl.add_argument("--split", choices=list(SPLIT_DIRS), default="val",
-                    help="JetClass split: train (10 x 14 GB), val (7.6 GB), test (30 GB)")
+                    help="JetClass split: train (10 tarballs, 100M jets), val (5M), test (20M)")
     dl.add_argument("--dir", default=None, help="target folder (default data/JetClass or "
                     "data/toptagging)")
     dl.add_argument("--no-progress", action="store_true", help="no progress bar")
