@@ -6,24 +6,34 @@ Jet Representations via Jet-Based Joint Embedding Predictive Architecture", arXi
 
 What is done here, and where it differs from the paper's code (ANCHORS.md lists its bugs):
 - Subjets: C/A R=0.2, the 20 leading subjets x 30 particles (flags), clustered once per data
-  set by common.cluster_subjets and cached. A subjet's particles are gathered from the jet's
-  ParT-standardised features inside forward() with a fixed-size index, so the data in memory
-  stays one (N, n_max, F) array. Jets with few subjets are kept unless --min-subjets says so.
-- Subjet position = (deta, dphi, log pT_subjet/pT_jet) relative to the jet axis: translation in
-  (eta, phi) and the jet pT window drop out, deta follows the particles' JetClass sign
-  convention, dphi is wrapped to (-pi, pi] (the official code did not wrap). A subjet's energy
-  and multiplicity are already seen by the embedding layer, so they are not repeated here.
+  set by common.load_subjets (vectorised fastjet, cached on disk). The encoder reads the jet's
+  ParT-standardised particle features x (B, N, F) plus an index idx (B, S, P) of each subjet's
+  particles into N: fixed-size tensors, so nothing is copied per subjet in memory. Jets with
+  few subjets are kept unless --min-subjets says otherwise (the paper drops those below 10).
+- Subjet embedding layer (SEL, --sel): "mlp" flattens a subjet's P x F particles; "attn" lets
+  each particle attend to the particles of its own subjet, then pools each subjet with class
+  attention (the paper's better variant). It runs on the jet's particle axis with a
+  same-subjet mask rather than on S x P mostly-empty slots: the same function, ~6x fewer tokens.
+- Subjet position = (deta, dphi, log pT_subjet/pT_jet) relative to the jet axis, computed once
+  and never modified (the official code shifted positions in place, twice): translations in
+  (eta, phi) and the jet-pT window drop out, deta uses the particles' JetClass sign convention,
+  dphi is wrapped (the official code did not wrap). Energy and multiplicity of a subjet are
+  already visible to the SEL. Positions are embedded (small MLP) for encoder and predictor.
 - The context encoder sees ONLY the context subjets: targets and empty subjets are removed from
-  the attention keys, so no target information can reach a context token (the official code
-  encodes the whole jet and selects context tokens afterwards). Every jet keeps >= 1 context.
+  the attention keys and the SEL never mixes subjets, so no target information reaches a
+  context token (the official code encodes the whole jet and selects context tokens afterwards:
+  a leak). Every jet with >= 2 subjets keeps >= 1 context and >= 1 target.
 - Targets: round(30%) of each jet's non-empty subjets, drawn on the CPU with a seeded generator
-  for the whole batch at once; a fixed number K of target slots (padding flagged) so that the
-  predictor uses gather, never boolean indexing.
-- EMA momentum: cosine from --ema-start (0.996) to 1, advanced exactly once per step.
+  for the whole batch at once; K = round(0.3 S) target slots per jet (unused ones flagged), so
+  the predictor gathers with fixed-size indices and its padding mask is built in the same
+  order as its tokens (the official predictor's mask was misaligned for batch > 1).
+- Target encoder: EMA copy, eval mode, no grad, sees all subjets; loss on its layer-normed
+  outputs. Momentum cosine from --ema-start (0.996) to 1, advanced exactly once per step (the
+  official code advanced it twice). No dropout anywhere, so nothing to switch off at eval.
 - The checkpoint's encoder (for finetune.py) and the end-of-run linear probe use the EMA target
-  encoder; the jet representation is the masked mean of its subjet tokens.
-- Sizes of the presets are matched to the paper's parameter counts (2.1M / 4.1M); the MLP
-  ratio and the depth of the attention SEL are inferred from those counts, not read.
+  encoder; its jet vector is the masked mean of its subjet tokens.
+- Presets: AE-SjT-T has the paper's 4.1M encoder parameters; SjT-T has 2.35M here vs 2.1M
+  (its MLP ratio is not known to us: 3 gives 2.35M, 2 gives 1.85M). Both predictors 0.52M.
 
 GPU (paper size, attention SEL):
   python jjepa.py --preset AE-SjT-T --data pythia --data-dir data/pythia10 --compile
@@ -60,7 +70,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_common_args(p)
-    p.set_defaults(n_jets=20000, epochs=4, batch_size=256, lr=1e-3, weight_decay=0.01)
+    p.set_defaults(epochs=4, batch_size=256, lr=1e-3, weight_decay=0.01, warmup=20)
     g = p.add_argument_group("subjets")
     g.add_argument("--subjet-algorithm", default="ca", choices=["ca", "kt", "antikt"],
                    help="reclustering algorithm for the subjets")
@@ -343,7 +353,9 @@ def linear_probe(z_train, y_train, z_test, y_test, steps=300, seed=0):
     """Logistic regression on frozen, standardised representations -> roc_metrics dict."""
     mean, std = z_train.mean(0), z_train.std(0) + 1e-6
     z_train, z_test = (z_train - mean) / std, (z_test - mean) / std
-    n_cls = int(max(y_train.max(), y_test.max())) + 1
+    classes = torch.unique(torch.cat([y_train, y_test]))  # e.g. QCD=0, Tbqq=8 -> 0, 1
+    y_train, y_test = torch.searchsorted(classes, y_train), torch.searchsorted(classes, y_test)
+    n_cls = len(classes)
     torch.manual_seed(seed)
     head = nn.Linear(z_train.shape[1], n_cls)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-3)
