@@ -248,15 +248,16 @@ def run_seed(args, s, seed, spec, data, log):
     optimizer = common.configure_optimizer(groups, args.lr, args.weight_decay,
                                            device_type=s.device_type)
 
-    per_epoch = common.steps_per_epoch(len(train["label"]), args.batch_size)
+    batch_size = min(args.batch_size, len(train["label"]))  # 100 labels still make a step
+    per_epoch = common.steps_per_epoch(len(train["label"]), batch_size)
     total = args.epochs * per_epoch
     if args.schedule == "frozen-then-unfrozen" and args.freeze_steps >= total:
         raise SystemExit(f"--freeze-steps {args.freeze_steps} >= the run's {total} steps: the "
                          "backbone would never train; lower --freeze-steps or raise --epochs")
     best, best_state, frozen = -np.inf, None, None  # frozen: None until the first step sets it
-    bar = common.progress_bar(total, args.batch_size, desc=f"seed {seed}")
-    t0, loss_sum, n_loss = time.time(), 0.0, 0
-    for step, epoch, batch in common.train_batches(train, args.batch_size, s.device, args.epochs,
+    bar = common.progress_bar(total, batch_size, desc=f"seed {seed}")
+    t0, loss_sum, n_loss = time.time(), torch.zeros((), device=s.device), 0
+    for step, epoch, batch in common.train_batches(train, batch_size, s.device, args.epochs,
                                                    seed=seed, trim=spec["trim"]):
         lr = common.lr_at(step, total, args.warmup, args.lr)
         b_lr = backbone_lr(step, lr, args)
@@ -276,21 +277,24 @@ def run_seed(args, s, seed, spec, data, log):
         if args.grad_clip > 0:
             nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         optimizer.step()
-        loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1
-        bar.update(args.batch_size)
-        bar.set_postfix(loss=f"{loss_sum / n_loss:.4f}", refresh=False)
+        loss_sum, n_loss = loss_sum + loss.detach(), n_loss + 1  # no host sync per step
+        bar.update(batch_size)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         end_of_epoch = (step + 1) % per_epoch == 0
         if (args.eval_every and (step + 1) % args.eval_every == 0) or \
                 (not args.eval_every and end_of_epoch) or step + 1 == total:
+            train_time = time.time() - t0  # training only: evaluation is not counted in jets/s
             metrics = common.roc_metrics(val["label"], predict(model, val, s, args.batch_size,
                                                                spec["trim"]))
             score = selection_score(metrics, spec["n_classes"])
             if score > best:
                 best, best_state = score, copy.deepcopy(raw_model.state_dict())
             log.log(dict(seed=seed, step=step + 1, epoch=epoch, lr=lr, backbone_lr=b_lr,
-                         train_loss=loss_sum / n_loss, val=_scalars(metrics),
-                         jets_per_s=n_loss * args.batch_size / (time.time() - t0)))
-            loss_sum, n_loss = 0.0, 0
+                         train_loss=(loss_sum / n_loss).item(), val=_scalars(metrics),
+                         jets_per_s=n_loss * batch_size / train_time))
+            loss_sum, n_loss = torch.zeros((), device=s.device), 0
+            t0 = time.time()
     bar.close()
     raw_model.load_state_dict(best_state)
     probs = predict(model, test, s, args.batch_size, spec["trim"])
@@ -438,8 +442,9 @@ def main(args):
         probs_by_seed.append(probs)
         print(f"seed {args.seed + k}: " + "  ".join(f"{m} {v:.4g}" for m, v in per_seed[-1].items()))
     keys = per_seed[0].keys()
-    mean = {m: float(np.mean([r[m] for r in per_seed])) for m in keys}
-    std = {m: float(np.std([r[m] for r in per_seed])) for m in keys}
+    with np.errstate(invalid="ignore"):  # rej = inf when no background passes: std is nan
+        mean = {m: float(np.mean([r[m] for r in per_seed])) for m in keys}
+        std = {m: float(np.std([r[m] for r in per_seed])) for m in keys}
     results = dict(name=name, method=spec["method"], ckpt=args.ckpt, classes=spec["classes"],
                    n_train=len(data["train"]["label"]), n_test=len(y["test"]),
                    args=vars(args), mean=mean, std=std, per_seed=per_seed,
