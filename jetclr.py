@@ -387,7 +387,7 @@ def train(args):
     logger = common.JsonlLogger(out / "jetclr.jsonl") if s.master else None
     sync = torch.cuda.synchronize if s.device_type == "cuda" else (lambda: None)
     timer = dict(data=0.0, aug=0.0, step=0.0)
-    t_first, n_timed, step, loss = None, 0, start, torch.zeros(())
+    t_first, n_timed, step, loss = None, 0, start, torch.tensor(float("nan"))  # nan: no step taken
 
     def save(step):
         common.save_checkpoint(out / "jetclr.pt", method="jetclr", args=args, model=raw_model,
