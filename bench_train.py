@@ -12,6 +12,7 @@ GPU:  python bench_train.py                       (bf16 autocast, batch 512, eag
 CPU:  python bench_train.py --device cpu --batch-size 16 --steps 3      (fp32, eager only)
 """
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -111,8 +112,7 @@ def main(args):
     print(f"torch {torch.__version__} | {name} | batch {args.batch_size} x {args.n_max} | "
           f"{'bf16 autocast' if cuda else 'fp32'} | steps {args.warmup} warm-up + {args.steps} timed")
 
-    cfg = common.ENCODER_PRESETS[args.preset]
-    cfg = common.EncoderConfig(**{**vars(cfg), "in_dim": 17})
+    cfg = dataclasses.replace(common.ENCODER_PRESETS[args.preset], in_dim=17)  # "full" features
     g = torch.Generator().manual_seed(args.seed)
     batches = [make_batch(args.batch_size, args.n_max, cfg.in_dim, g) for _ in range(4)]
     # ours: trimmed on the host before the copy, as a data loader would
