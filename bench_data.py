@@ -118,7 +118,7 @@ def main():
             import torch
             timed(lambda: sum(len(b["valid"]) for b in common.epoch_batches(
                 hit, args.batch_size, torch.device("cpu"), drop_last=False)),
-                args.n_jets, f"cached epoch via common.epoch_batches (torch, trimmed)")
+                args.n_jets, "cached epoch via common.epoch_batches (torch, trimmed)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import shutil
 import sys
 import tarfile
-import time
+import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass, fields
