@@ -1,10 +1,14 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# tests never write into the repository's data/cache
+os.environ.setdefault("NANOJET_CACHE", tempfile.mkdtemp(prefix="nanojet-cache-"))
 
 
 @pytest.fixture(scope="session")
