@@ -440,12 +440,17 @@ def representations(encoder, jets, device, ctx, batch_size=256):
 
 
 def collapse_stats(z):
-    """z (N, C): mean pairwise cosine (1 = every jet the same) and the per-dimension std of the
-    L2-normalised vectors times sqrt(C) (about 1 when spread over all directions, 0 when collapsed)."""
+    """z (N, C) jet vectors -> cos: mean pairwise cosine (1 = every jet points the same way);
+    std: per-dimension std of the L2-normalised vectors x sqrt(C) (~1 spread out, 0 collapsed);
+    erank: effective rank exp(entropy of the normalised singular values) of the centred vectors
+    (RankMe, arXiv 2210.02885), which a common offset shared by all jets does not hide."""
     zn = F.normalize(z, dim=1)
     n = len(zn)
     cos = ((zn @ zn.T).sum() - n) / max(n * (n - 1), 1)
-    return dict(cos=float(cos), std=float(zn.std(0).mean() * math.sqrt(z.shape[1])))
+    sv = torch.linalg.svdvals(z - z.mean(0))
+    p = sv / sv.sum().clamp(min=1e-12)
+    erank = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
+    return dict(cos=float(cos), std=float(zn.std(0).mean() * math.sqrt(z.shape[1])), erank=float(erank))
 
 
 def linear_probe(z_train, y_train, z_test, y_test, steps=100):
@@ -595,7 +600,8 @@ def train(args):
             raw_model.eval(), opt_mode(opt, False)
             result = dict(loss=loss.item(), lr=opt.param_groups[0]["lr"], **evaluate(step + 1))
             print(f"step {step + 1}/{total_steps} loss {result['loss']:.4f} val {result['val_loss']:.4f} "
-                  f"cos {result['cos']:.3f} std {result['std']:.3f} ({time.time() - t0:.0f}s)")
+                  f"cos {result['cos']:.3f} std {result['std']:.3f} erank {result['erank']:.1f} "
+                  f"({time.time() - t0:.0f}s)")
             log.log(result)
             save(step + 1)
             raw_model.train(), opt_mode(opt, True)
@@ -603,11 +609,13 @@ def train(args):
     # --- end of run: linear probe on frozen jet vectors, generation check ---
     raw_model.eval(), opt_mode(opt, False)
     if s.master:
+        result = result or evaluate(step)        # --epochs 0: the randomly initialised encoder
         tr, te = load("train", args.probe_jets), load("test", args.n_eval)
         z_tr, z_te = (representations(raw_model.encoder, j, s.device, s.ctx) for j in (tr, te))
         result["probe_acc"] = linear_probe(z_tr, torch.from_numpy(np.array(tr.y)), z_te,
                                            torch.from_numpy(np.array(te.y)))
-        print(f"probe accuracy {result['probe_acc']:.4f} ({len(tr)} train / {len(te)} test jets)")
+        print(f"probe accuracy {result['probe_acc']:.4f} ({len(tr)} train / {len(te)} test jets); "
+              f"val jets: cos {result['cos']:.3f} std {result['std']:.3f} erank {result['erank']:.1f}")
         if args.gen_check:
             result |= gen_check(raw_model, val, args, s.device, s.ctx, common.FEATURE_NAMES[args.features],
                                 os.path.join(args.out, "gen_check.png"))
