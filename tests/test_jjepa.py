@@ -41,19 +41,26 @@ def make_jets(n, seed, n_max=32):
     return common.Jets(x=x, p4=p4, valid=valid, y=y.astype(np.int64), jet=jet.astype(np.float32))
 
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    """train() reads these jets instead of files; the subjet cache goes to a temporary folder."""
+@pytest.fixture(scope="module", autouse=True)
+def tmp_cache(tmp_path_factory):
+    """The subjet cache of these tests goes to a temporary folder, not data/cache."""
     tmp = tmp_path_factory.mktemp("jjepa")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOJET_CACHE", str(tmp / "cache"))
+        yield tmp
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_cache):
+    """train() reads these jets instead of files."""
     data = {"train": make_jets(256, 0), "val": make_jets(128, 1), "test": make_jets(64, 2)}
 
     def load_jets(source, path=None, split="train", n_jets=None, n_max=128, **kw):
         return data[split][:n_jets]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOJET_CACHE", str(tmp / "cache"))
         mp.setattr(common, "load_jets", load_jets)
-        yield tmp
+        yield tmp_cache
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +197,20 @@ def test_probe_beats_chance(tiny_run):
     """1-prong vs 3-prong: even a briefly trained encoder separates them."""
     assert tiny_run["probe_acc"] > 0.8 and tiny_run["probe_auc"] > 0.9
     assert 0.0 < tiny_run["cos_sim"] < 1.0 and tiny_run["std"] > 0
+
+
+def test_loss_flags_change_the_loss():
+    """--loss smooth-l1 and the optional variance/covariance terms are wired in (not ignored)."""
+    cfg = tiny_cfg("mlp")
+    inp = tensors(make_jets(32, 5), cfg)
+    tgt_idx, tgt_valid, context = jjepa.sample_targets((inp["idx"] >= 0).any(-1), 0.3, 6,
+                                                       torch.Generator().manual_seed(0))
+    losses = {}
+    for name, kw in {"mse": {}, "smooth-l1": dict(loss="smooth-l1"),
+                     "var": dict(var_weight=1.0), "cov": dict(cov_weight=1.0)}.items():
+        torch.manual_seed(0)
+        model = jjepa.JJEPA(cfg, 16, 1, 4, **kw)
+        losses[name] = model(**inp, tgt_idx=tgt_idx, tgt_valid=tgt_valid, context=context).item()
+    assert all(math.isfinite(v) for v in losses.values())
+    assert losses["smooth-l1"] < losses["mse"]  # |e| < 1 mostly: 0.5 e^2 < e^2
+    assert losses["var"] > losses["mse"] and losses["cov"] > losses["mse"]
