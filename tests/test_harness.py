@@ -3,7 +3,6 @@ import argparse
 import math
 import os
 import socket
-import sys
 
 import numpy as np
 import pytest
@@ -120,7 +119,8 @@ def test_epoch_batches_order_shards_and_trim():
     for batch in common.epoch_batches(data, 8, CPU, seed=0):
         n = int(batch["valid"].sum(1).max())
         assert batch["x"].shape[1] == batch["valid"].shape[1] == min(20, math.ceil(n / 16) * 16)
-        assert torch.equal(batch["x"], torch.from_numpy(data["x"][batch["idx"].numpy()])[:, :batch["x"].shape[1]])
+        rows = torch.from_numpy(data["x"][batch["idx"].numpy()])
+        assert torch.equal(batch["x"], rows[:, :batch["x"].shape[1]])
 
 
 # --- checkpoints and resume ---------------------------------------------------------------------
