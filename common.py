@@ -1,20 +1,30 @@
-"""nanojet common: data, features, subjets, encoder blocks, metrics and training helpers
-shared by every method script.
+"""nanojet common: everything the method scripts share, in four parts read top to bottom.
 
-Data in one paragraph: `load_jets(source, ...)` reads one of three sources into padded numpy
-arrays (`Jets`): "pythia" (our jetgen.py output, generated on first use), "jetclass" (the real
-JetClass ROOT files) and "toptagging" (the Top Tagging reference HDF5 files). Constituents are
-sorted by pT, valid first, padded to n_max; features follow ParT's recipes. The result is cached
-as memory-mapped .npy files, so a second load costs milliseconds. `iter_jets` streams data
-larger than memory file by file; `cluster_subjets` / `load_subjets` recluster jets into subjets
-with fastjet's vectorised interface. `python common.py download ...` fetches the real datasets.
+1. Data. `load_jets(source, ...)` reads one of three sources into padded numpy arrays (`Jets`):
+   "pythia" (our jetgen.py output, generated on first use), "jetclass" (the real JetClass ROOT
+   files) and "toptagging" (the Top Tagging reference HDF5 files). Constituents are sorted by pT,
+   valid first, padded to n_max; features follow ParT's recipes. The result is cached as
+   memory-mapped .npy files, so a second load costs milliseconds. `iter_jets` streams data larger
+   than memory file by file; `cluster_subjets` / `load_subjets` recluster jets into subjets with
+   fastjet's vectorised interface. `python common.py download ...` fetches the real datasets.
+2. Model blocks. A "ParT-lite" particle transformer (`Encoder`): particle embedding, pair
+   features as an attention bias, pre-norm blocks, class attention; reusable `Block`/`ClassBlock`.
+3. Metrics. `roc_metrics`: accuracy, AUC, background rejection 1/eps_B at eps_S = 0.5 and 0.3.
+4. Training harness. Shared flags, device/DDP setup, AdamW + warm-up/cosine, atomic checkpoints
+   that resume bit for bit, a rank-sharded batch iterator, JSON-lines log and progress bar.
 """
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
+import importlib
 import json
+import math
 import os
+import random
 import shutil
+import subprocess
 import sys
 import tarfile
 import urllib.error
@@ -24,6 +34,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 # --- data: constants ------------------------------------------------------------------------
 
@@ -724,9 +737,676 @@ def main(argv=None):
         download(args.dataset, args.split, args.dir, progress=not args.no_progress)
 
 
-# (development: the parts below are merged into this file by the lead)
-from nn_part import *  # noqa: E402,F401,F403
-from harness_part import *  # noqa: E402,F401,F403
+# --- model blocks: a "ParT-lite" particle transformer --------------------------
+# Particle Transformer (ParT, arXiv 2202.03772): per-particle embedding MLP, pairwise
+# features of the two 4-vectors embedded into one additive attention bias per head (computed
+# once, shared by every block), pre-norm attention blocks with the extra NormFormer norms ParT
+# uses, then class-attention blocks where a CLS token reads the particles. Written here from
+# the paper; the "part" preset has ParT's published size.
+#
+# Padding: the data comes valid-first, so a batch can be cut to its longest jet. That cut
+# needs a host sync (.item()), so it lives OUTSIDE forward: call trim_batch(...) in the
+# training loop / collate step; forward itself only masks, and never syncs or breaks graphs.
+# torch.compile then builds one static graph per length bucket (8 buckets at n_max = 128 with
+# multiple = 16; measured: N is specialised, so dynamic shapes do not merge them). Train and
+# eval mode are separate graphs too: 16 in all, so raise torch._dynamo.config.recompile_limit
+# (default 8) or compile with fewer buckets, else dynamo silently falls back to eager.
+
+
+_EPS = 1e-8          # clamp before every log: ln(1e-8) = -18.4 stays finite in fp32
+_MASK = -1e4         # additive mask for padded keys: finite (no NaN for empty rows), exp() = 0
+
+
+def _pair_feats(a, b):
+    """ParT's pair features of 4-vectors a, b (..., 4) = (px, py, pz, E), broadcast: (..., 4)."""
+    a, b = a.float(), b.float()  # logs of small differences: always fp32, also under autocast
+    pt_a, pt_b = torch.hypot(a[..., 0], a[..., 1]), torch.hypot(b[..., 0], b[..., 1])
+
+    def rapidity(v):
+        return 0.5 * torch.log((v[..., 3] + v[..., 2]).clamp(min=_EPS)
+                               / (v[..., 3] - v[..., 2]).clamp(min=_EPS))
+
+    dy = rapidity(a) - rapidity(b)
+    dphi = torch.remainder(torch.atan2(a[..., 1], a[..., 0]) - torch.atan2(b[..., 1], b[..., 0])
+                           + math.pi, 2 * math.pi) - math.pi
+    delta = torch.sqrt(dy ** 2 + dphi ** 2)
+    pt_min = torch.minimum(pt_a, pt_b)
+    s = a + b
+    m2 = s[..., 3] ** 2 - (s[..., :3] ** 2).sum(-1)
+    return torch.stack([torch.log(delta.clamp(min=_EPS)),                      # ln Delta
+                        torch.log((pt_min * delta).clamp(min=_EPS)),          # ln kT
+                        torch.log((pt_min / (pt_a + pt_b).clamp(min=_EPS)).clamp(min=_EPS)),  # ln z
+                        torch.log(m2.clamp(min=_EPS))], dim=-1)                # ln m^2
+
+
+def pair_features(p4, valid):
+    """p4 (B, N, 4), valid (B, N) -> (B, N, N, 4) fp32: ln Delta (rapidity-phi distance), ln kT,
+    ln z, ln m^2; zero where either particle is padding. The diagonal (i, i) is kept, as in ParT."""
+    pair_valid = valid[:, :, None] & valid[:, None, :]                          # (B, N, N)
+    return _pair_feats(p4[:, :, None], p4[:, None, :]) * pair_valid[..., None]
+
+
+def attention_bias(valid, pair=None, dtype=torch.float32):
+    """Additive attention mask (B, H or 1, N, N) from valid (B, N) and an optional pair bias
+    (B, N, N, H). Padded keys get -1e4 rather than -inf, so even an all-padded row has a finite
+    softmax (uniform over garbage that is masked downstream) instead of NaN."""
+    key = torch.where(valid, 0.0, _MASK).to(dtype)[:, None, None, :]            # (B, 1, 1, N)
+    return key if pair is None else pair.permute(0, 3, 1, 2).to(dtype) + key    # (B, H, N, N)
+
+
+# --- building blocks ------------------------------------------------------------
+class Mlp(nn.Module):
+    """Transformer feed-forward: Linear -> GELU -> LayerNorm (NormFormer, as ParT) -> Linear."""
+
+    def __init__(self, dim, hidden, out=None, dropout=0.0):
+        super().__init__()
+        self.fc1, self.norm = nn.Linear(dim, hidden), nn.LayerNorm(hidden)
+        self.fc2, self.drop = nn.Linear(hidden, out or dim), nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.drop(F.gelu(self.fc1(x)))))
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim, heads, dropout=0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"EncoderConfig: dim={dim} must be divisible by heads={heads}")
+        self.heads, self.dropout = heads, dropout
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, q_in, kv_in, bias):
+        B, Nq, C = q_in.shape
+        q = self.q(q_in).view(B, Nq, self.heads, -1).transpose(1, 2)           # (B, H, Nq, D)
+        k, v = self.kv(kv_in).view(B, kv_in.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype),
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(out.transpose(1, 2).reshape(B, Nq, C))
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention block. bias: additive (B, H or 1, N, N) from attention_bias()."""
+
+    def __init__(self, dim, heads, mlp_ratio=4, dropout=0.0):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = _Attention(dim, heads, dropout)
+        self.mlp, self.drop = Mlp(dim, mlp_ratio * dim, dropout=dropout), nn.Dropout(dropout)
+
+    def forward(self, x, bias):
+        h = self.norm1(x)
+        x = x + self.drop(self.norm2(self.attn(h, h, bias)))  # norm2: ParT's post-attention norm
+        return x + self.drop(self.mlp(self.norm3(x)))
+
+
+class ClassBlock(Block):
+    """Class attention (CaiT): cls (B, 1, C) attends to [cls, tokens]; tokens are not updated.
+    bias (B, 1, 1, 1 + N); the CLS key is always valid, so no row is ever empty."""
+
+    def forward(self, cls, tokens, bias):
+        h = self.norm1(torch.cat([cls, tokens], dim=1))
+        cls = cls + self.drop(self.norm2(self.attn(h[:, :1], h, bias)))
+        return cls + self.drop(self.mlp(self.norm3(cls)))
+
+
+# --- the encoder ----------------------------------------------------------------
+@dataclass
+class EncoderConfig:
+    in_dim: int = 7                 # per-token input features (7 "kin", 17 "full")
+    dim: int = 64                   # token width
+    heads: int = 4
+    depth: int = 4                  # particle (self-attention) blocks
+    cls_depth: int = 2              # class-attention blocks giving the jet vector
+    pair_dim: tuple = (32, 32)      # pair-bias MLP hidden widths; () = no pair bias, p4 unused
+    mlp_ratio: int = 4
+    dropout: float = 0.0            # attention, residual and MLP dropout of the particle blocks
+    embed_hidden: tuple = (64,)     # embedding MLP: in_dim -> *embed_hidden -> dim
+
+
+ENCODER_PRESETS = {
+    "small": EncoderConfig(dim=64, heads=4, depth=3, cls_depth=1, pair_dim=(32, 32), embed_hidden=(64,)),
+    # ParT (arXiv 2202.03772): embed (128, 512, 128), 8 heads, 8 + 2 blocks, pair embed 64 x 3,
+    # dropout 0.1 in the particle blocks
+    "part": EncoderConfig(in_dim=17, dim=128, heads=8, depth=8, cls_depth=2, pair_dim=(64, 64, 64),
+                          embed_hidden=(128, 512), dropout=0.1),
+}
+
+
+def _norm_linear_gelu(dims):
+    """LayerNorm -> Linear -> GELU per step (ParT's embedding): stable on unscaled inputs."""
+    layers = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.LayerNorm(a), nn.Linear(a, b), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """forward(x (B, N, in_dim), valid (B, N) bool, p4 (B, N, 4) or None) ->
+    tokens (B, N, C) (final norm applied, zero at padding), valid (B, N), jet (B, C).
+    Works for any token set (particles, subjets). Trim padding beforehand with trim_batch()."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.cls_depth < 1:
+            raise ValueError("EncoderConfig: cls_depth must be >= 1 (the jet vector is the CLS output)")
+        self.cfg = cfg
+        self.embed = _norm_linear_gelu((cfg.in_dim, *cfg.embed_hidden, cfg.dim))
+        pd = tuple(cfg.pair_dim)
+        if pd:  # pointwise MLP on the 4 pair features -> one bias per head
+            layers = [nn.Linear(4, pd[0])]
+            for a, b in zip(pd[:-1], pd[1:]):
+                layers += [nn.LayerNorm(a), nn.GELU(), nn.Linear(a, b)]
+            self.pair_embed = nn.Sequential(*layers, nn.LayerNorm(pd[-1]), nn.GELU(),
+                                            nn.Linear(pd[-1], cfg.heads))
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+                                    for _ in range(cfg.depth))
+        # class blocks without dropout, as ParT
+        self.cls_blocks = nn.ModuleList(ClassBlock(cfg.dim, cfg.heads, cfg.mlp_ratio)
+                                        for _ in range(cfg.cls_depth))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def pair_bias(self, p4, valid):
+        """(B, N, N, H). The features are symmetric in (i, j): embed only the N(N+1)/2 pairs
+        i <= j, then gather them back into the square (halves the dominant cost)."""
+        N = valid.shape[1]
+        i, j = torch.triu_indices(N, N, device=valid.device)                   # (P,)
+        f = _pair_feats(p4[:, i], p4[:, j]) * (valid[:, i] & valid[:, j])[..., None]  # (B, P, 4)
+        e = self.pair_embed(f)                                                  # (B, P, H)
+        # index of pair (a, b), a <= b, in triu order: rows before a hold a*N - a(a-1)/2 pairs
+        r = torch.arange(N, device=valid.device)
+        lo, hi = torch.minimum(r[:, None], r[None]), torch.maximum(r[:, None], r[None])
+        tri = lo * N - lo * (lo - 1) // 2 + (hi - lo)                            # (N, N)
+        return e[:, tri.flatten()].view(e.shape[0], N, N, -1)
+
+    def forward(self, x, valid, p4=None):
+        B, N, _ = x.shape
+        x = torch.where(valid[..., None], x, 0.0)  # padding may hold anything, even NaN
+        x = self.embed(x)                                                       # (B, N, C)
+        pair = None
+        if self.cfg.pair_dim:
+            if p4 is None:
+                raise ValueError("Encoder: pair_dim is set, so forward needs p4 (B, N, 4)")
+            pair = self.pair_bias(torch.where(valid[..., None], p4, 0.0), valid)
+        bias = attention_bias(valid, pair, x.dtype)                             # (B, H|1, N, N)
+        for block in self.blocks:
+            x = block(x, bias)
+        cls_valid = torch.cat([valid.new_ones(B, 1), valid], dim=1)
+        cls_bias = attention_bias(cls_valid, None, x.dtype)                     # (B, 1, 1, 1 + N)
+        cls = self.cls_token.expand(B, -1, -1)
+        for block in self.cls_blocks:
+            cls = block(cls, x, cls_bias)
+        tokens = self.norm(x) * valid[..., None]
+        return tokens, valid, self.norm(cls[:, 0])
+
+
+def trim_batch(valid, *tensors, multiple=16):
+    """Cut the particle axis (dim 1) of valid and tensors to the longest jet, rounded up to
+    `multiple` (at least one bucket, at most N), so compile sees few shapes. Assumes valid-first
+    order. Reads the length on the host (a sync): call it OUTSIDE the compiled forward."""
+    n = int(valid.sum(1).max()) if valid.shape[0] else 0
+    n = min(valid.shape[1], max(1, math.ceil(n / multiple)) * multiple)
+    return (valid[:, :n], *(t[:, :n] for t in tensors))
+
+
+# --- metrics ----------------------------------------------------------------------
+def _binary_roc(y, s):
+    """y (N,) bool signal, s (N,) score (higher = more signal-like) -> auc, rej50, rej30.
+    Ties are one ROC point (the straight segment = random tie breaking); AUC from average ranks."""
+    n_s, n_b = int(y.sum()), int((~y).sum())
+    if n_s == 0 or n_b == 0:
+        return dict(auc=float("nan"), rej50=float("nan"), rej30=float("nan"))
+    uniq, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
+    rank = (np.cumsum(counts) - (counts - 1) / 2.0)[inv]        # 1-based average ranks
+    auc = (rank[y].sum() - n_s * (n_s + 1) / 2.0) / (n_s * n_b)
+    # ROC points, threshold sweeping from the highest score down, one point per distinct score
+    sig = np.bincount(inv, weights=y, minlength=len(uniq))[::-1]
+    bkg = counts[::-1] - sig
+    eff_s = np.concatenate([[0.0], np.cumsum(sig) / n_s])
+    eff_b = np.concatenate([[0.0], np.cumsum(bkg) / n_b])
+    out = dict(auc=float(auc))
+    for key, target in (("rej50", 0.5), ("rej30", 0.3)):
+        # first point reaching the target: an exact hit takes the lowest eps_B at that eps_S,
+        # otherwise interpolate on the segment from the last point below the target
+        k = np.searchsorted(eff_s, target, side="left")
+        if eff_s[k] == target:
+            eb = eff_b[k]
+        else:
+            t = (target - eff_s[k - 1]) / (eff_s[k] - eff_s[k - 1])
+            eb = eff_b[k - 1] + t * (eff_b[k] - eff_b[k - 1])
+        out[key] = float("inf") if eb == 0 else float(1.0 / eb)
+    return out
+
+
+def roc_metrics(y, score):
+    """y (N,) int labels; score (N,) = P(signal), or (N, C) class probabilities (softmax).
+    Binary (1-D score or C = 2): dict(acc, auc, rej50, rej30), rej = 1/eps_B at eps_S = 0.5, 0.3
+    interpolated linearly on the ROC curve; rej is float("inf") when no background passes at
+    that signal efficiency, nan when a class is missing. A 1-D score counts as signal above 0.5.
+    Multi-class: acc = argmax accuracy, per_class = {c: dict(auc, rej50, rej30)} for each class
+    c >= 1 against QCD (class 0) with the discriminant P_c / (P_c + P_0) on jets of classes c
+    and 0 (as ParT), and auc, rej50, rej30 = macro means over those classes."""
+    y, score = np.asarray(y).astype(np.int64), np.asarray(score, dtype=np.float64)
+    if score.ndim == 1 or score.shape[1] == 2:
+        if score.ndim == 1:
+            s, pred = score, (score > 0.5).astype(np.int64)
+        else:  # P1 - P0 ranks like P1 for probabilities and like the softmax for logits
+            s, pred = score[:, 1] - score[:, 0], score.argmax(1)
+        return dict(acc=float((pred == y).mean()), **_binary_roc(y == 1, s))
+    if (score < 0).any():
+        raise ValueError("roc_metrics: multi-class scores must be probabilities (apply softmax)")
+    out = dict(acc=float((score.argmax(1) == y).mean()), per_class={})
+    for c in range(1, score.shape[1]):
+        sel = (y == c) | (y == 0)
+        s = score[sel, c] / np.maximum(score[sel, c] + score[sel, 0], 1e-30)
+        out["per_class"][c] = _binary_roc(y[sel] == c, s)
+    for key in ("auc", "rej50", "rej30"):
+        out[key] = float(np.mean([m[key] for m in out["per_class"].values()]))
+    return out
+
+
+# --- training harness ----------------------------------------------
+# Small flat helpers every script uses: the shared flags, device/DDP setup, AdamW with decay on
+# matrices only, the warm-up + cosine schedule, atomic checkpoints that resume bit for bit, a
+# batch iterator that shards by rank, a JSON-lines logger and a progress bar.
+
+
+# --- shared flags -----------------------------------------------------------------------------
+
+
+def add_common_args(parser, skip=()):
+    """Add the flags every script shares (one argparse group). `skip` leaves out flags a script
+    has no use for (a flag that is accepted but does nothing would be a bug), e.g. ("resume",).
+    Scripts change defaults afterwards with parser.set_defaults(epochs=..., lr=...)."""
+    g = parser.add_argument_group("data and training (shared by every script)")
+
+    def add(name, **kw):
+        if name.lstrip("-") not in skip:
+            g.add_argument(name, **kw)
+
+    add("--data", choices=["pythia", "jetclass", "toptagging"], default="pythia",
+        help="pythia: jets generated by jetgen.py (made on first use, small); jetclass: the "
+             "JetClass ROOT files; toptagging: the Top Tagging reference h5 files")
+    add("--data-dir", default=None,
+        help="folder holding the data (default: data/<data>)")
+    add("--n-jets", type=int, default=None,
+        help="use at most this many training jets (default: all)")
+    add("--n-eval", type=int, default=None,
+        help="use at most this many validation/test jets (default: all)")
+    add("--n-max", type=int, default=128,
+        help="particles kept per jet (the hardest ones); shorter jets are padded")
+    add("--epochs", type=int, default=10, help="passes over the training jets")
+    add("--batch-size", type=int, default=256, help="jets per step and per process")
+    add("--lr", type=float, default=1e-3, help="peak learning rate (after warm-up)")
+    add("--weight-decay", type=float, default=0.01,
+        help="AdamW weight decay, applied to matrices only (not biases, norms)")
+    add("--warmup", type=int, default=100,
+        help="steps of linear learning-rate warm-up before the cosine decay")
+    add("--grad-clip", type=float, default=1.0,
+        help="clip the global gradient norm to this value (0: no clipping)")
+    add("--device", choices=["auto", "cpu", "cuda"], default="auto",
+        help="auto: CUDA when available, else CPU")
+    add("--compile", action=argparse.BooleanOptionalAction, default=None,
+        help="torch.compile the model (default: on for CUDA, off for CPU)")
+    add("--seed", type=int, default=0, help="seed for weights, data order and masks")
+    add("--out", default="out", help="folder for checkpoints, logs and results")
+    add("--resume", default=None, metavar="CKPT",
+        help="continue the run saved in this checkpoint (weights, optimizer, RNG, data order)")
+    add("--eval-every", type=int, default=0,
+        help="evaluate every this many steps (0: at the end of each epoch)")
+    return parser
+
+
+# --- device, seeds, DDP -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Setup:
+    device: torch.device
+    device_type: str          # "cuda" or "cpu", for torch.autocast and fused AdamW
+    ctx: object               # autocast(bf16) on CUDA, a no-op on CPU: `with s.ctx: loss = ...`
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    master: bool = True       # rank 0: the process that logs, evaluates and saves
+    ddp: bool = False
+    compile: bool = False
+
+
+def setup(args):
+    """Pick the device, seed every RNG, and join the process group when launched by torchrun
+    (which sets RANK, WORLD_SIZE, LOCAL_RANK). One GPU per process, as in nanoGPT."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if ddp:
+        import torch.distributed as dist
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    # Each rank draws its own masks/augmentations; the weights still start equal because DDP
+    # broadcasts rank 0's parameters, and the data order has its own (seed, epoch) generator.
+    seed = args.seed + rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if use_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32
+        torch.backends.cudnn.allow_tf32 = True
+    device_type = "cuda" if use_cuda else "cpu"
+    # bf16 needs no GradScaler; CPU stays in fp32 so runs are exact and bitwise reproducible.
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
+    do_compile = use_cuda if getattr(args, "compile", None) is None else args.compile
+    return Setup(device, device_type, ctx, rank, local_rank, world_size, rank == 0, ddp, do_compile)
+
+
+def wrap_model(raw_model, s):
+    """torch.compile (when s.compile) then DDP (when launched by torchrun). Keep `raw_model` for
+    saving and evaluation helpers; train through the returned module."""
+    if s.compile:
+        # trim_batch buckets the particle axis by 16: up to n_max/16 shapes, for train and eval,
+        # each its own graph (dynamic shapes do not merge them); dynamo's default limit of 8
+        # would silently fall back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    model = torch.compile(raw_model) if s.compile else raw_model
+    if s.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[s.local_rank] if s.device_type == "cuda" else None)
+    return model
+
+
+def unwrap(model):
+    """The plain module under DDP / torch.compile wrappers, whose state dict has clean keys
+    (no `module.` or `_orig_mod.` prefixes)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def cleanup(s):
+    if s.ddp:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+# --- optimizer and schedule ---------------------------------------------------------------------
+
+
+def decay_groups(params, weight_decay, **group):
+    """Two AdamW parameter groups from a module (or a list of parameters): matrices (linear and
+    attention weights, embeddings) decay; biases, norm gains and other 1-D parameters do not.
+    Frozen parameters are left out. `group` adds keys to both, e.g. name="head"."""
+    if isinstance(params, nn.Module):
+        params = params.parameters()
+    params = [p for p in params if p.requires_grad]
+    return [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay, **group),
+            dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, **group)]
+
+
+def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, device_type="cpu"):
+    """AdamW with weight decay on >= 2-D parameters only. `model` is a module or a list of
+    parameter groups (e.g. from decay_groups, to give a backbone its own learning rate)."""
+    groups = decay_groups(model, weight_decay) if isinstance(model, nn.Module) else model
+    fused = device_type == "cuda"  # one kernel per step instead of one per tensor
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+
+
+def lr_at(step, total_steps, warmup_steps, lr, min_lr=0.0):
+    """Learning rate at `step` (0-based): linear warm-up to `lr` over `warmup_steps`, then a
+    cosine decay to `min_lr` at `total_steps`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= total_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def rng_state(generators=None):
+    """Every RNG a run draws from: torch (CPU and CUDA), numpy, python, and named generators."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
+    return dict(
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        numpy=np_state,
+        python=random.getstate(),
+        generators={k: g.get_state() for k, g in (generators or {}).items()},
+    )
+
+
+def set_rng_state(state, generators=None):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = dict(np_state["state"], key=np_state["state"]["key"].numpy().astype(np.uint32))
+    np.random.set_state(np_state)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    for k, g in (generators or {}).items():
+        if k not in state["generators"]:
+            raise ValueError(f"checkpoint has no state for generator {k!r}; "
+                             f"it has {sorted(state['generators'])}")
+        g.set_state(state["generators"][k])
+
+
+def git_hash():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions():
+    v = dict(python=sys.version.split()[0], torch=str(torch.__version__), numpy=np.__version__)
+    if torch.cuda.is_available():
+        v["gpu"] = torch.cuda.get_device_name()
+    return v
+
+
+def _plain(value):
+    """argparse values as plain python (Path -> str) so checkpoints load with weights_only."""
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=None,
+                    optimizer=None, step=0, generators=None, **extra):
+    """Write a checkpoint atomically (temporary file, then os.replace: a crash mid-write never
+    leaves a truncated file under `path`). Modules are saved unwrapped (no `_orig_mod.` keys).
+      method          the script that wrote it ("mpm", "jjepa", ..., "part" for supervised)
+      args            the argparse Namespace (or dict) of the run
+      model           the full model (all weights the run trains, for --resume)
+      encoder         the backbone a fine-tuner needs; rebuilt by build_encoder(method, cfg)
+      encoder_config  dict (or dataclass) of that backbone's constructor arguments
+      generators      dict name -> torch.Generator whose state resume must restore
+      extra           anything else the method needs back (e.g. K-means centroids)"""
+    if dataclasses.is_dataclass(encoder_config):
+        encoder_config = dataclasses.asdict(encoder_config)
+    args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    payload = dict(
+        method=method,
+        args={k: _plain(v) for k, v in args.items()},
+        encoder_config={k: _plain(v) for k, v in (encoder_config or {}).items()},
+        encoder=unwrap(encoder).state_dict() if encoder is not None else None,
+        model=unwrap(model).state_dict(),
+        optimizer=optimizer.state_dict() if optimizer is not None else None,
+        rng=rng_state(generators),
+        step=step,
+        git=git_hash(),
+        versions=versions(),
+        **extra,
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"checkpoint {path} not found: pass the .pt file a training script wrote")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which one, not a pickle traceback
+        raise SystemExit(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
+
+
+def resume_from(path, raw_model, optimizer=None, generators=None):
+    """Restore weights, optimizer, every RNG and return the step to continue from. With the data
+    order derived from (seed, epoch) this continues the run bit for bit (on CPU)."""
+    ckpt = load_checkpoint(path)
+    unwrap(raw_model).load_state_dict(ckpt["model"])
+    if optimizer is not None and ckpt["optimizer"] is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"], generators)
+    return ckpt["step"]
+
+
+# --- building encoders from checkpoints ---------------------------------------------------------
+
+
+def build_encoder(method, cfg):
+    """The encoder a checkpoint's `method` trained, from its stored config dict. The shared
+    ParT-lite encoder for "part"/"scratch"/None; otherwise the method script's own
+    `build_encoder(cfg)` (e.g. jjepa.py's subjet encoder)."""
+    if method in (None, "part", "scratch", "supervised"):
+        return Encoder(EncoderConfig(**cfg))
+    try:
+        module = importlib.import_module(method)
+    except ImportError as e:
+        raise SystemExit(f"checkpoint method {method!r}: cannot import {method}.py ({e}); run "
+                         "from the repository folder") from e
+    return module.build_encoder(cfg)
+
+
+def encoder_inputs(method, jets, cfg):
+    """Numpy arrays the encoder's forward(**inputs) takes, one row per jet. Methods whose encoder
+    reads more than particles (e.g. subjets) define `encoder_inputs(jets, cfg)` themselves."""
+    if method not in (None, "part", "scratch", "supervised"):
+        module = importlib.import_module(method)
+        if hasattr(module, "encoder_inputs"):
+            return module.encoder_inputs(jets, cfg)
+    return dict(x=jets.x, valid=jets.valid, p4=jets.p4)
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+def as_arrays(data):
+    """A Jets object (or any dataclass of arrays) or a dict of arrays -> dict of arrays."""
+    if isinstance(data, dict):
+        return data
+    return {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
+
+
+def steps_per_epoch(n, batch_size, world_size=1):
+    """Full steps per epoch; the remainder is dropped so every rank takes the same number of
+    equally sized steps (DDP would hang otherwise and torch.compile sees one batch size)."""
+    return n // (batch_size * world_size)
+
+
+def epoch_batches(data, batch_size, device, *, seed=0, epoch=0, shuffle=True, rank=0,
+                  world_size=1, start=0, drop_last=True, trim=("x", "p4")):
+    """Yield batches (dicts of tensors on `device`) of one epoch. The order is a permutation
+    drawn from (seed, epoch) alone, so a resumed run sees the same batches (`start` skips the
+    steps already taken) and all ranks agree on it; rank r takes the r-th slice of each step, so
+    ranks never share jets. The particle axis of `valid` and of the `trim` arrays is cut to the
+    longest jet in the batch (trim_batch; trim=() turns that off). drop_last=False is for
+    one-process evaluation."""
+    arrays = as_arrays(data)
+    n = len(next(iter(arrays.values())))
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    per_step = batch_size * world_size
+    n_steps = steps_per_epoch(n, batch_size, world_size) if drop_last else math.ceil(n / per_step)
+    pin = device.type == "cuda"
+    for step in range(start, n_steps):
+        # sorted indices read a memory-mapped cache in file order; order within a batch is moot
+        idx = np.sort(order[step * per_step + rank * batch_size:][:batch_size])
+        if len(idx) == 0:
+            continue
+        batch = {k: torch.from_numpy(np.ascontiguousarray(a[idx])) for k, a in arrays.items()
+                 if a is not None}
+        keys = [k for k in trim if k in batch]
+        if trim and "valid" in batch:  # trim=() for inputs whose axis 1 is not particles
+            valid, *trimmed = trim_batch(batch["valid"], *[batch[k] for k in keys])
+            batch.update(valid=valid, **dict(zip(keys, trimmed)))
+        yield {k: (t.pin_memory() if pin else t).to(device, non_blocking=True)
+               for k, t in batch.items()}
+
+
+def train_batches(data, batch_size, device, epochs, *, seed=0, start_step=0, rank=0,
+                  world_size=1, trim=("x", "p4")):
+    """(step, epoch, batch) over all epochs, beginning at global `start_step` (for --resume)."""
+    per_epoch = steps_per_epoch(len(next(iter(as_arrays(data).values()))), batch_size, world_size)
+    if per_epoch == 0:
+        raise SystemExit(f"fewer jets than one step needs (--batch-size {batch_size} x "
+                         f"{world_size} processes): lower --batch-size or raise --n-jets")
+    step = start_step
+    for epoch in range(start_step // per_epoch, epochs):
+        for batch in epoch_batches(data, batch_size, device, seed=seed, epoch=epoch,
+                                   rank=rank, world_size=world_size, start=step % per_epoch,
+                                   trim=trim):
+            yield step, epoch, batch
+            step += 1
+
+
+# --- logging ------------------------------------------------------------------------------------
+
+
+class JsonlLogger:
+    """One JSON object per line (`out/<run>.jsonl`); appends, so a resumed run continues the file.
+    Only the master process should log."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=_json_number) + "\n")
+
+
+def _json_number(value):
+    """numpy / torch scalars (np.float32, 0-d tensors) -> python numbers for json."""
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def progress_bar(total_steps, jets_per_step, start_step=0, master=True, desc="train"):
+    """tqdm bar counted in jets, so its rate reads jets/s; update with
+    bar.update(jets_per_step) and bar.set_postfix(loss=...). Silent on ranks other than 0."""
+    from tqdm import tqdm
+    return tqdm(total=total_steps * jets_per_step, initial=start_step * jets_per_step,
+                unit="jet", unit_scale=True, desc=desc, disable=not master, dynamic_ncols=True)
+
 
 if __name__ == "__main__":
     main()

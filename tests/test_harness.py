@@ -13,13 +13,6 @@ import common
 
 CPU = torch.device("cpu")
 
-if not hasattr(common, "trim_batch"):  # development stand-in until nn_part.py provides it
-    def _trim_batch(valid, *tensors, multiple=16):
-        n = min(valid.shape[1], max(1, math.ceil(int(valid.sum(1).max()) / multiple)) * multiple)
-        return (valid[:, :n], *(t[:, :n] for t in tensors))
-    common.trim_batch = _trim_batch
-
-
 def toy_data(n=64, p=20, f=3, seed=0):
     """Jets-like arrays: valid-first particles, a per-jet target and the jet's index."""
     rng = np.random.default_rng(seed)
