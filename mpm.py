@@ -126,7 +126,8 @@ def get_args(argv=None):
 # deta, dphi. "kin": 0-4 kinematics, 5-6 deta, dphi.
 PID_COLS = list(range(5, 11))
 N_PID = 8
-TARGET_COLS = {"full": [0, 11, 12, 13, 14, 15, 16], "kin": [0, 5, 6]}  # v2's 7 (pT, deta, dphi, IPs)
+# targets: v2's 7 quantities (pT, the 4 impact parameters, deta, dphi); 3 with "kin"
+TARGET_COLS = {"full": [0, 11, 12, 13, 14, 15, 16], "kin": [0, 5, 6]}
 IP_TARGETS = [1, 2, 3, 4]                                              # IP positions in TARGET_COLS
 
 
@@ -171,7 +172,8 @@ def make_mask(valid, frac, generator):
 
 def gather_rows(t, idx):
     """t (B, N, ...) gathered along N with idx (B, M) -> (B, M, ...)."""
-    return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
+    idx = idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:])
+    return t.gather(1, idx)
 
 
 def split_batch(batch, mask, style):
@@ -351,7 +353,8 @@ class MPM(nn.Module):
             D = args.dec_dim
             self.dec_in = nn.Linear(C, D)
             self.null = nn.Parameter(torch.randn(n_rank, D) * 0.02)
-            self.dec_blocks = nn.ModuleList(common.Block(D, args.dec_heads) for _ in range(args.dec_depth))
+            self.dec_blocks = nn.ModuleList(common.Block(D, args.dec_heads)
+                                            for _ in range(args.dec_depth))
             self.dec_norm = nn.LayerNorm(D)
         else:
             D = C
@@ -499,12 +502,13 @@ def train(args):
     s = common.setup(args)
     print(f"mpm: {vars(args)}\ngit {common.git_hash()} {common.versions()} device {s.device}")
     # --- data: a jet needs one particle to see and one to predict
-    jets = common.load_jets(args.data, args.data_dir, "train", args.n_jets, args.n_max, args.features)
+    load = dict(path=args.data_dir, n_max=args.n_max, features=args.features)
+    jets = common.load_jets(args.data, split="train", n_jets=args.n_jets, **load)
     keep = np.asarray(jets.valid).sum(1) >= 2
     if not keep.all():
         print(f"dropping {int((~keep).sum())} training jets with fewer than 2 particles")
         jets = jets[np.flatnonzero(keep)]
-    val = common.load_jets(args.data, args.data_dir, "val", args.n_eval, args.n_max, args.features)
+    val = common.load_jets(args.data, split="val", n_jets=args.n_eval, **load)
     val = val[np.flatnonzero(np.asarray(val.valid).sum(1) >= 2)]
     train_data = dict(x=jets.x, valid=jets.valid, p4=jets.p4)
     val_data = dict(x=val.x, valid=val.valid, p4=val.p4)
@@ -518,7 +522,8 @@ def train(args):
     raw_model = MPM(args, enc_cfg, fit).to(s.device)
     init_encoder = copy.deepcopy(raw_model.encoder.state_dict())  # the probe's floor
     n_params = sum(p.numel() for p in raw_model.encoder.parameters())
-    print(f"encoder {n_params:,} parameters; total {sum(p.numel() for p in raw_model.parameters()):,}")
+    n_all = sum(p.numel() for p in raw_model.parameters())
+    print(f"encoder {n_params:,} parameters; with decoder and heads {n_all:,}")
     optimizer = common.configure_optimizer(raw_model, args.lr, args.weight_decay,
                                            device_type=s.device_type)
     mask_gen = torch.Generator().manual_seed(1_000_003 * (s.rank + 1) + args.seed)
@@ -532,7 +537,7 @@ def train(args):
     log = common.JsonlLogger(Path(args.out) / "mpm.jsonl") if s.master else None
     # --- flat training loop; masks drawn on the CPU from mask_gen, then moved to the device
     step, loss, history = start_step, None, []
-    timed_from, t0, t_prep, t_eval = start_step + 5, None, 0.0, 0.0  # 5 untimed warm-up steps
+    timed_from, t0, cpu0, t_prep, t_eval = start_step + 5, None, 0.0, 0.0, 0.0  # 5 warm-up steps
     tick = time.perf_counter()
     for step, epoch, batch in common.train_batches(train_data, args.batch_size,
                                                    torch.device("cpu"), args.epochs,
@@ -542,7 +547,7 @@ def train(args):
         b = {k: v.to(s.device, non_blocking=True)
              for k, v in split_batch(batch, mask, args.style).items()}
         if step == timed_from:
-            t0, t_prep, t_eval = time.perf_counter(), 0.0, 0.0
+            t0, cpu0, t_prep, t_eval = time.perf_counter(), time.process_time(), 0.0, 0.0
         t_prep += time.perf_counter() - tick  # data loading + masking, host side
         common.set_lr(optimizer, common.lr_at(step, total_steps, args.warmup, args.lr))
         with s.ctx:
@@ -554,7 +559,7 @@ def train(args):
         optimizer.step()
         loss = loss.detach()
         if s.master and ((step + 1) % eval_every == 0 or step + 1 == total_steps):
-            t_ev = time.perf_counter()
+            t_ev, cpu_ev = time.perf_counter(), time.process_time()
             record = dict(step=step + 1, epoch=epoch, loss=float(loss),
                           val=evaluate(raw_model, val_data, args, s))
             history.append(record)
@@ -566,16 +571,19 @@ def train(args):
                                    encoder_config=enc_cfg, optimizer=optimizer, step=step + 1,
                                    generators=dict(mask=mask_gen), kmeans=fit)
             t_eval += time.perf_counter() - t_ev
+            cpu0 += time.process_time() - cpu_ev
         tick = time.perf_counter()
     if s.device_type == "cuda":
         torch.cuda.synchronize()
     throughput = {}
     if t0 is not None:
         seconds = time.perf_counter() - t0 - t_eval
-        throughput = dict(jets_per_s=(step + 1 - timed_from) * args.batch_size * s.world_size
-                          / seconds, prep_fraction=t_prep / seconds)
-        print(f"throughput {throughput['jets_per_s']:.0f} jets/s end to end (data + masking "
-              f"{100 * throughput['prep_fraction']:.0f}% of it, host side; evaluation excluded)")
+        n_jets = (step + 1 - timed_from) * args.batch_size * s.world_size
+        throughput = dict(jets_per_s=n_jets / seconds, prep_fraction=t_prep / seconds,
+                          jets_per_cpu_s=n_jets / (time.process_time() - cpu0))
+        print(f"throughput {throughput['jets_per_s']:.0f} jets/s end to end, "
+              f"{throughput['jets_per_cpu_s']:.0f} jets per CPU-second (data + masking "
+              f"{100 * throughput['prep_fraction']:.0f}% of it, host side; without evaluation)")
     # --- end of run: masked-token metrics and the linear probe vs the same encoder at init
     result = dict(loss=float(loss) if loss is not None else float("nan"),
                   val=history[-1]["val"] if history else evaluate(raw_model, val_data, args, s),

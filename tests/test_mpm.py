@@ -215,7 +215,8 @@ def test_same_seed_runs_are_bitwise_equal_and_resume_continues_exactly(fake_data
 
     monkeypatch.setattr(common, "save_checkpoint", save_and_keep_step3)
     out = []
-    for run, extra in (("a", []), ("b", []), ("resumed", ["--resume", str(fake_data / "step3.pt")])):
+    resume = ["--resume", str(fake_data / "step3.pt")]
+    for run, extra in (("a", []), ("b", []), ("resumed", resume)):
         args = mpm.get_args(TINY + ["--out", str(fake_data / run)] + extra)
         out.append((mpm.train(args), torch.load(fake_data / run / "mpm.pt", weights_only=True)))
     (r1, c1), (r2, c2), (r3, c3) = out
