@@ -507,10 +507,12 @@ def train(args):
         for k, v in times.items()))
     if args.probe_jets > 0:
         m = min(args.probe_jets, n)
-        z_fit = embed_jets(raw_model.target_encoder, {k: v[:m] for k, v in train_data.items()},
+        # a random subset: the jets come class by class (file order), so a prefix would not do
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:m]
+        z_fit = embed_jets(raw_model.target_encoder, {k: v[pick] for k, v in train_data.items()},
                            device, args.batch_size)
         z_val = embed_jets(raw_model.target_encoder, val_data, device, args.batch_size)
-        probe = linear_probe(z_fit, y_train[:m], z_val, y_val, seed=args.seed)
+        probe = linear_probe(z_fit, y_train[pick], z_val, y_val, seed=args.seed)
         stats.update({f"probe_{k}": v for k, v in probe.items() if k != "per_class"})
         print(f"linear probe ({m} train jets -> {len(y_val)} val jets): acc {probe['acc']:.4f} "
               f"auc {probe['auc']:.4f} 1/eps_B(0.5) {probe['rej50']:.1f}")
