@@ -1,10 +1,9 @@
 """J-JEPA: a jet is reclustered into subjets; an encoder that sees only some of them (the
 context) must let a small predictor guess the representations that a slowly moving copy of
 itself (the EMA target encoder) gives to the others (the targets). Nothing is reconstructed in
-input space and no augmentation is needed. Paper: Katel et al., "Learning Symmetry-Independent
-Jet Representations via Jet-Based Joint Embedding Predictive Architecture", arXiv 2412.05333.
+input space and no augmentation is needed. Paper: J-JEPA, arXiv 2412.05333.
 
-What is done here, and where it differs from the paper's code (ANCHORS.md lists its bugs):
+What is done here, and where it differs from the paper's public code (whose bugs are avoided):
 - Subjets: C/A R=0.2, the 20 leading subjets x 30 particles (flags), clustered once per data
   set by common.load_subjets (vectorised fastjet, cached on disk). The encoder reads the jet's
   ParT-standardised particle features x (B, N, F) plus an index idx (B, S, P) of each subjet's
@@ -35,10 +34,12 @@ What is done here, and where it differs from the paper's code (ANCHORS.md lists 
 - Presets: AE-SjT-T has the paper's 4.1M encoder parameters; SjT-T has 2.35M here vs 2.1M
   (its MLP ratio is not known to us: 3 gives 2.35M, 2 gives 1.85M). Both predictors 0.52M.
 
-GPU (paper size, attention SEL):
-  python jjepa.py --preset AE-SjT-T --data pythia --data-dir data/pythia10 --compile
+GPU (paper size, attention SEL; pretrain on the 10-class sample):
+  python jjepa.py --preset AE-SjT-T --data pythia --data-dir data/pythia10 --epochs 50
+CPU (the README quickstart: small preset, embedded default data, a few minutes on 2 cores):
+  python jjepa.py
 Tiny CPU check (seconds):
-  python jjepa.py --n-jets 512 --epochs 1 --batch-size 64 --eval-every 4
+  python jjepa.py --n-jets 512 --epochs 1 --batch-size 64 --probe-jets 256
 """
 import argparse
 import copy
