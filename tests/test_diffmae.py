@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import diffmae
 
-TINY = ["--preset", "tiny", "--epochs", "2", "--batch-size", "16", "--n-max", "64", "--diff-mul", "2",
+TINY = ["--preset", "tiny", "--epochs", "2", "--batch-size", "16", "--n-jets", "48", "--n-max", "64", "--diff-mul", "2",
         "--probe-jets", "48", "--n-eval", "32", "--device", "cpu", "--no-compile"]
 
 
@@ -166,12 +166,12 @@ def test_overfits_one_batch(head):
     b = batch(jets, batch_args())
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     first = model(**b).item()
-    for _ in range(50):
+    for _ in range(40):
         loss = model(**b)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.1 * first
+    assert loss.item() < 0.15 * first
 
 
 def run(tmp_path, data, *extra):
