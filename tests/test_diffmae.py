@@ -213,3 +213,9 @@ def test_schedulefree_switches_to_eval_weights(tmp_path, tiny_pythia):
     ckpt = common.load_checkpoint(tmp_path / "diffmae.pt")
     # saved in eval mode: the optimizer state says so and the weights are the averaged x sequence
     assert all(not g["train_mode"] for g in ckpt["optimizer"]["param_groups"])
+
+
+def test_no_graph_breaks():
+    model, b = tiny_model(), batch(fake_jets(), batch_args())
+    explained = torch._dynamo.explain(model)(**b)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
