@@ -547,6 +547,9 @@ def train(args):
     n_all = sum(p.numel() for p in raw_model.parameters())
     per_epoch = common.steps_per_epoch(len(jets), args.batch_size, s.world_size)
     total_steps = args.epochs * per_epoch
+    if args.bench and total_steps < args.bench + 5:
+        raise SystemExit(f"--bench {args.bench} needs {args.bench + 5} steps, the run has {total_steps}: "
+                         "raise --epochs or --n-jets")
     opt = make_optimizer(raw_model, args, total_steps)
     model = common.wrap_model(raw_model, s)
     gens = dict(mask=torch.Generator().manual_seed(args.seed * 1000 + s.rank + 1),
