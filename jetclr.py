@@ -111,10 +111,6 @@ def get_args(argv=None):
 # --- the method: 4-vectors <-> centred (pT, deta, dphi, m) ---------------------------------------
 
 
-def wrap_phi(phi):
-    return torch.remainder(phi + math.pi, 2 * math.pi) - math.pi
-
-
 def jet_axis(p4, valid):
     """(eta, phi) of the summed valid 4-vectors: the frame all augmentations refer to. (B, 2)"""
     j = (p4 * valid.unsqueeze(-1)).sum(1)  # (B, 4)
@@ -129,7 +125,8 @@ def to_centred(p4, valid, axis):
     eta = torch.asinh(p4[..., 2] / safe)
     phi = torch.atan2(p4[..., 1], p4[..., 0])
     m = (p4[..., 3] ** 2 - (p4[..., :3] ** 2).sum(-1)).clamp_min(0).sqrt()
-    c = torch.stack([pt, eta - axis[:, None, 0], wrap_phi(phi - axis[:, None, 1]), m], -1)
+    dphi = common.wrap_phi(phi - axis[:, None, 1])  # common's numpy helper works on tensors too
+    c = torch.stack([pt, eta - axis[:, None, 0], dphi, m], -1)
     return c * valid.unsqueeze(-1)
 
 
@@ -198,7 +195,7 @@ def augment(p4, valid, axis, gen, rotate=True, translate=1.0, smear=0.1, split=0
         shift = translate * (2 * rand(2, B, 1) - 1)
         deta = deta + shift[0] * half_extent(deta)
         dphi = dphi + shift[1] * half_extent(dphi)
-    c = torch.stack([pt, deta, wrap_phi(dphi), m], -1) * valid.unsqueeze(-1)
+    c = torch.stack([pt, deta, common.wrap_phi(dphi), m], -1) * valid.unsqueeze(-1)
     return from_centred(c, valid, axis), valid
 
 
