@@ -104,7 +104,8 @@ def get_args(argv=None):
     try:
         [int(n) for n in args.scaling.split(",") if args.scaling]
     except ValueError:
-        raise SystemExit(f"--scaling {args.scaling}: give jet counts separated by commas, e.g. 1000,10000")
+        raise SystemExit(f"--scaling {args.scaling}: give jet counts separated by commas, "
+                         "e.g. 1000,10000")
     return args
 
 
@@ -179,7 +180,8 @@ def augment(p4, valid, axis, gen, rotate=True, translate=1.0, smear=0.1, split=0
     pt, deta, dphi, m = c.unbind(-1)
     if rotate:
         a = 2 * math.pi * rand(B, 1)
-        deta, dphi = torch.cos(a) * deta - torch.sin(a) * dphi, torch.sin(a) * deta + torch.cos(a) * dphi
+        cos, sin = torch.cos(a), torch.sin(a)
+        deta, dphi = cos * deta - sin * dphi, sin * deta + cos * dphi
     if smear > 0:
         sigma = (smear / torch.where(valid, pt, torch.ones_like(pt))).clamp(max=smear_max)
         noise = torch.randn(2, B, N, generator=gen).to(dev)
@@ -292,7 +294,8 @@ def two_views(p4, valid, gen, args):
     axis is trimmed only now, after the splitting has filled padding slots."""
     axis = jet_axis(p4, valid)
     kw = dict(rotate=args.rotate, translate=args.translate_width if args.translate else 0.0,
-              smear=args.smear_gev if args.smear else 0.0, split=args.split_prob if args.split else 0.0)
+              smear=args.smear_gev if args.smear else 0.0,
+              split=args.split_prob if args.split else 0.0)
     a, va = augment(p4, valid, axis, gen, **kw)
     b, vb = augment(p4, valid, axis, gen, **kw)
     valid, p4 = common.trim_batch(torch.cat([va, vb]), torch.cat([a, b]))
@@ -372,7 +375,9 @@ def train(args):
     optimizer = common.configure_optimizer(raw_model, args.lr, args.weight_decay,
                                            device_type=s.device_type)
     aug_gen = torch.Generator().manual_seed(args.seed + 1 + s.rank)  # augmentations only
-    start = common.resume_from(args.resume, raw_model, optimizer, {"aug": aug_gen}) if args.resume else 0
+    start = 0
+    if args.resume:
+        start = common.resume_from(args.resume, raw_model, optimizer, {"aug": aug_gen})
     model = common.wrap_model(raw_model, s)
     per_epoch = common.steps_per_epoch(len(jets), args.batch_size, s.world_size)
     total = per_epoch * args.epochs
@@ -447,8 +452,10 @@ def train(args):
             print("per step: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items())
                   + f"; augmentations are {100 * ms['aug'] / sum(ms.values()):.1f}% of the time")
     if args.lct and s.master:
-        test = common.load_jets(args.data, args.data_dir, "test", n_jets=args.n_eval, n_max=args.n_max)
-        (h_val, g_val), (h_test, g_test) = representations(raw_model, val, s), representations(raw_model, test, s)
+        test = common.load_jets(args.data, args.data_dir, "test", n_jets=args.n_eval,
+                                n_max=args.n_max)
+        h_val, g_val = representations(raw_model, val, s)
+        h_test, g_test = representations(raw_model, test, s)
         for name, zf, zs in (("repr", h_val, h_test), ("head1", g_val, g_test)):
             m = linear_classifier_test(zf, val.y, zs, test.y)
             result.update({f"lct_{name}_{k}": v for k, v in m.items() if k != "per_class"})
@@ -490,8 +497,8 @@ def scaling_study(args):
     ft = finetune_mean(out / f"scaling_n{sizes[0]}" / "jetclr.pt", "scratch", scratch=True)
     rows.insert(0, dict(n=0, lct_auc=float("nan"), lct_rej50=float("nan"), ft_auc=ft["auc"],
                         ft_rej50=ft["rej50"]))
-    print(f"\npretraining jets | LCT AUC | LCT 1/eps_B(0.5) | fine-tuned ({args.scaling_labels} labels) "
-          "AUC | fine-tuned 1/eps_B(0.5)")
+    print(f"\npretraining jets | LCT AUC | LCT 1/eps_B(0.5) | fine-tuned "
+          f"({args.scaling_labels} labels) AUC | fine-tuned 1/eps_B(0.5)")
     for r in rows:
         name = "0 (scratch)" if r["n"] == 0 else str(r["n"])
         print(f"{name:>16s} | {r['lct_auc']:.4f} | {r['lct_rej50']:7.1f} | {r['ft_auc']:.4f} | "
