@@ -90,7 +90,8 @@ def get_args(argv=None):
     g.add_argument("--profile", action="store_true",
                    help="time data, augmentation and step separately (synchronises the GPU)")
     g.add_argument("--scaling", type=str, default="",
-                   help="comma-separated pretraining sizes: pretrain on each, fine-tune, table + PNG")
+                   help="comma-separated pretraining sizes: pretrain on each (same --epochs, so "
+                        "smaller sets also get fewer steps), fine-tune each, table + PNG")
     g.add_argument("--scaling-labels", type=int, default=1000,
                    help="labelled training jets of each fine-tuning in --scaling (same jets for all)")
     g.add_argument("--scaling-finetune-epochs", type=int, default=20,
