@@ -513,6 +513,9 @@ def train(args):
     train_data = dict(x=jets.x, valid=jets.valid, p4=jets.p4)
     val_data = dict(x=val.x, valid=val.valid, p4=val.p4)
     # --- targets and model
+    if args.id_weight > 0 and args.features != "full":
+        print(f"--id-weight {args.id_weight}: no particle-ID task, '{args.features}' features "
+              "carry no PID flags")
     fit = kmeans_fit_cached(jets, args)
     enc_cfg = dict(features=args.features, input_cols=input_cols(args.features), dim=args.dim,
                    heads=args.heads, depth=args.depth, pair_dim=[32, 32] if args.pair_bias else [],

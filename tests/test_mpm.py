@@ -234,3 +234,12 @@ def test_same_seed_runs_are_bitwise_equal_and_resume_continues_exactly(fake_data
     b = batch_of(fake_jets(4))
     tokens, valid, jet = enc(**b)
     assert tokens.shape[:2] == valid.shape and jet.shape == (4, 16) and torch.isfinite(jet).all()
+
+
+@pytest.mark.parametrize("style", ["mae", "bert"])
+def test_forward_compiles_without_graph_breaks(style):
+    model, _ = tiny_model(style, pair_bias=True)
+    b = batch_of(fake_jets(8))
+    s = mpm.split_batch(b, mpm.make_mask(b["valid"], 0.4, torch.Generator().manual_seed(0)), style)
+    explained = torch._dynamo.explain(model)(s)
+    assert explained.graph_break_count == 0, explained.break_reasons
