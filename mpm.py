@@ -287,7 +287,10 @@ class MPMEncoder(common.Encoder):
         self.mpm_cfg = cfg
         self.register_buffer("input_cols", torch.tensor(cfg["input_cols"]), persistent=False)
         self.pid_embed = nn.Embedding(N_PID, cfg["dim"]) if cfg["features"] == "full" else None
-        self.mask_token = nn.Parameter(torch.randn(cfg["dim"]) * 0.02)
+        # bert only (a parameter without gradient upsets DDP); drawn either way, so both styles
+        # start from the same weights
+        mask_token = torch.randn(cfg["dim"]) * 0.02
+        self.mask_token = nn.Parameter(mask_token) if cfg.get("mask_token", True) else None
         self.registers = nn.Parameter(torch.randn(1, cfg["n_registers"], cfg["dim"]) * 0.02)
         if cfg["jet_repr"] == "mean":  # no class-attention weights that nothing trains
             del self.cls_blocks, self.cls_token
@@ -520,7 +523,7 @@ def train(args):
     enc_cfg = dict(features=args.features, input_cols=input_cols(args.features), dim=args.dim,
                    heads=args.heads, depth=args.depth, pair_dim=[32, 32] if args.pair_bias else [],
                    mlp_ratio=4, dropout=args.dropout, n_registers=args.n_registers,
-                   jet_repr=args.jet_repr)
+                   jet_repr=args.jet_repr, mask_token=args.style == "bert")
     torch.manual_seed(args.seed)
     raw_model = MPM(args, enc_cfg, fit).to(s.device)
     init_encoder = copy.deepcopy(raw_model.encoder.state_dict())  # the probe's floor

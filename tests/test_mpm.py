@@ -58,7 +58,7 @@ def tiny_model(style, target="kmeans", pair_bias=False, seed=0):
                         + (["--pair-bias"] if pair_bias else []))
     cfg = dict(features="full", input_cols=mpm.input_cols("full"), dim=16, heads=2, depth=1,
                pair_dim=[8] if pair_bias else [], mlp_ratio=2, dropout=0.0, n_registers=1,
-               jet_repr="cls")
+               jet_repr="cls", mask_token=style == "bert")
     torch.manual_seed(seed)
     fit = dict(centroids=torch.randn(8, 7), mean=torch.zeros(7), std=torch.ones(7))
     return mpm.MPM(args, cfg, fit).eval(), args
