@@ -37,8 +37,11 @@ pretraining-size study (pretrain on each size, fine-tune each with finetune.py, 
 """
 import argparse
 import copy
+import json
 import math
 import os
+import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -471,11 +474,11 @@ def scaling_study(args):
     """Pretraining-size scaling: for each size N in --scaling, pretrain on N jets and fine-tune the
     encoder on the same --scaling-labels labelled jets (finetune.py, one seed); N = 0 is the same
     architecture from random weights. Prints a table and saves <out>/jetclr_scaling.png."""
-    import finetune  # the fine-tuning harness; imported here only, so jetclr.py stands alone
     out = Path(args.out)
     sizes = [int(n) for n in args.scaling.split(",")]
 
     def finetune_mean(ckpt, name, scratch=False):
+        # finetune.py is run as a program, not imported: method scripts import only common.py
         argv = ["--ckpt", str(ckpt), "--mode", "finetune", "--head", "linear",
                 "--n-labels", str(args.scaling_labels), "--epochs", str(args.scaling_finetune_epochs),
                 "--data", args.data, "--batch-size", str(args.batch_size), "--device", args.device,
@@ -483,7 +486,10 @@ def scaling_study(args):
                 "--out", str(out / "scaling_finetune"), "--name", name] + ["--scratch"] * scratch
         argv += ["--data-dir", args.data_dir] if args.data_dir else []
         argv += ["--n-eval", str(args.n_eval)] if args.n_eval else []
-        return finetune.main(finetune.get_args(argv))["mean"]
+        script = Path(__file__).resolve().parent / "finetune.py"
+        subprocess.run([sys.executable, str(script), *argv], check=True)
+        results = json.loads((out / "scaling_finetune" / name / "results.json").read_text())
+        return results["mean"]
 
     rows = []
     for n in sizes:
