@@ -1006,6 +1006,58 @@ def roc_metrics(y, score):
     return out
 
 
+# --- representation diagnostics (every pretraining script ends with these) ---------------------
+def linear_probe(z_fit, y_fit, z_score, y_score, steps=200, l2=1e-4):
+    """Multinomial logistic regression on frozen jet representations z (N, C): standardised with
+    the fit set's statistics, full-batch L-BFGS in fp32 on the CPU from zero weights (so the
+    result is deterministic). Labels are remapped to the classes present in y_fit, in CLASSES
+    order (QCD stays first, so the binary case scores P(signal)); jets of other classes are not
+    scored. Returns roc_metrics on the scored jets."""
+    z_fit, z_score = (torch.as_tensor(z).detach().float().cpu() for z in (z_fit, z_score))
+    y_fit, y_score = (np.asarray(y.cpu() if torch.is_tensor(y) else y) for y in (y_fit, y_score))
+    classes = np.unique(y_fit)
+    if len(classes) < 2:
+        raise ValueError(f"linear_probe: the {len(y_fit)} jets it is fitted on hold a single "
+                         "class; use more (or shuffled) jets")
+    keep = np.isin(y_score, classes)
+    mean, std = z_fit.mean(0), z_fit.std(0).clamp(min=1e-6)
+    a, b = (z_fit - mean) / std, (z_score[torch.from_numpy(keep)] - mean) / std
+    target = torch.from_numpy(np.searchsorted(classes, y_fit))
+    W = torch.zeros(a.shape[1], len(classes), requires_grad=True)
+    bias = torch.zeros(len(classes), requires_grad=True)
+    opt = torch.optim.LBFGS([W, bias], max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(a @ W + bias, target) + l2 * (W * W).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():  # callers often sit under no_grad
+        opt.step(closure)
+    with torch.no_grad():
+        probs = torch.softmax(b @ W + bias, 1).double().numpy()
+    return roc_metrics(np.searchsorted(classes, y_score[keep]), probs)
+
+
+@torch.no_grad()
+def collapse_stats(z):
+    """Collapse diagnostics of jet representations z (N, C). cos: mean pairwise cosine similarity
+    (1 = every jet points the same way; J-JEPA reports 0.457). std: per-dimension std of the
+    L2-normalised vectors x sqrt(C) (about 1 when spread out, 0 when collapsed). erank:
+    effective rank, exp(entropy of the normalised singular values) of the centred vectors
+    (RankMe, arXiv 2210.02885), which an offset shared by all jets cannot hide."""
+    z = torch.as_tensor(z).float().cpu()
+    zn = F.normalize(z, dim=1)
+    n = len(zn)
+    cos = ((zn.sum(0).pow(2).sum() - n) / max(n * (n - 1), 1))
+    sv = torch.linalg.svdvals(z - z.mean(0))
+    p = sv / sv.sum().clamp(min=1e-12)
+    erank = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
+    return dict(cos=float(cos), std=float(zn.std(0).mean() * math.sqrt(z.shape[1])),
+                erank=float(erank))
+
+
 # --- training harness ----------------------------------------------
 # Small flat helpers every script uses: the shared flags, device/DDP setup, AdamW with decay on
 # matrices only, the warm-up + cosine schedule, atomic checkpoints that resume bit for bit, a

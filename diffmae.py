@@ -439,37 +439,6 @@ def representations(encoder, jets, device, ctx, batch_size=256):
     return torch.cat(out)
 
 
-def collapse_stats(z):
-    """z (N, C) jet vectors -> cos: mean pairwise cosine (1 = every jet points the same way);
-    std: per-dimension std of the L2-normalised vectors x sqrt(C) (~1 spread out, 0 collapsed);
-    erank: effective rank exp(entropy of the normalised singular values) of the centred vectors
-    (RankMe, arXiv 2210.02885), which a common offset shared by all jets does not hide."""
-    zn = F.normalize(z, dim=1)
-    n = len(zn)
-    cos = ((zn @ zn.T).sum() - n) / max(n * (n - 1), 1)
-    sv = torch.linalg.svdvals(z - z.mean(0))
-    p = sv / sv.sum().clamp(min=1e-12)
-    erank = torch.exp(-(p * torch.log(p.clamp(min=1e-12))).sum())
-    return dict(cos=float(cos), std=float(zn.std(0).mean() * math.sqrt(z.shape[1])), erank=float(erank))
-
-
-def linear_probe(z_train, y_train, z_test, y_test, steps=100):
-    """Multinomial logistic regression (L-BFGS, small L2) on frozen, standardised features."""
-    mu, sd = z_train.mean(0), z_train.std(0) + 1e-6
-    a, b = (z_train - mu) / sd, (z_test - mu) / sd
-    lin = nn.Linear(a.shape[1], int(max(y_train.max(), y_test.max())) + 1)
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(lin(a), y_train) + 1e-4 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-    with torch.enable_grad():
-        opt.step(closure)
-    return float((lin(b).argmax(1) == y_test).float().mean())
-
-
 @torch.no_grad()
 def val_loss(model, jets, args, device, ctx, batch_size):
     mask_gen, noise_gen = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(4321)
@@ -570,7 +539,7 @@ def train(args):
     def evaluate(step):  # validation loss + collapse diagnostics of the jet representations
         z = representations(raw_model.encoder, val, s.device, s.ctx)
         return dict(step=step, val_loss=val_loss(raw_model, val, args, s.device, s.ctx, args.batch_size),
-                    **collapse_stats(z))
+                    **common.collapse_stats(z))
 
     # --- the loop: 1. masks on CPU / 2. encoder(visible) -> decoder(queries) -> loss / 3. step ---
     raw_model.train(), opt_mode(opt, True)
@@ -615,8 +584,7 @@ def train(args):
         result = result or evaluate(step)        # --epochs 0: the randomly initialised encoder
         tr, te = load("train", args.probe_jets), load("test", args.n_eval)
         z_tr, z_te = (representations(raw_model.encoder, j, s.device, s.ctx) for j in (tr, te))
-        result["probe_acc"] = linear_probe(z_tr, torch.from_numpy(np.array(tr.y)), z_te,
-                                           torch.from_numpy(np.array(te.y)))
+        result["probe_acc"] = common.linear_probe(z_tr, tr.y, z_te, te.y)["acc"]
         print(f"probe accuracy {result['probe_acc']:.4f} ({len(tr)} train / {len(te)} test jets); "
               f"val jets: cos {result['cos']:.3f} std {result['std']:.3f} erank {result['erank']:.1f}")
         if args.gen_check:

@@ -46,7 +46,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -340,33 +339,6 @@ def representations(raw_model, jets, s, batch_size=512):
     return torch.cat(hs), torch.cat(gs)
 
 
-def linear_classifier_test(z_fit, y_fit, z_score, y_score, l2=1e-4):
-    """Logistic regression (softmax over the classes present) on frozen features, fit on one split
-    and scored on another. Full-batch L-BFGS in fp32 on the CPU: deterministic."""
-    classes = np.unique(y_fit)
-    if len(classes) < 2:
-        raise SystemExit("LCT: the validation jets hold a single class; raise --n-eval")
-    to_k = lambda y: torch.from_numpy(np.searchsorted(classes, y))  # noqa: E731  QCD stays 0
-    mu, sd = z_fit.mean(0), z_fit.std(0).clamp_min(1e-6)
-    xf, xs = (z_fit - mu) / sd, (z_score - mu) / sd
-    torch.manual_seed(0)
-    lin = nn.Linear(xf.shape[1], len(classes))
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=200, line_search_fn="strong_wolfe")
-    yf = to_k(y_fit)
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(lin(xf), yf) + l2 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    keep = np.isin(y_score, classes)
-    with torch.no_grad():
-        prob = lin(xs[torch.from_numpy(keep)]).softmax(1).numpy()
-    return common.roc_metrics(np.searchsorted(classes, y_score[keep]), prob)
-
-
 def train(args):
     if args.scaling:
         return scaling_study(args)
@@ -461,7 +433,7 @@ def train(args):
         h_val, g_val = representations(raw_model, val, s)
         h_test, g_test = representations(raw_model, test, s)
         for name, zf, zs in (("repr", h_val, h_test), ("head1", g_val, g_test)):
-            m = linear_classifier_test(zf, val.y, zs, test.y)
+            m = common.linear_probe(zf, val.y, zs, test.y)
             result.update({f"lct_{name}_{k}": v for k, v in m.items() if k != "per_class"})
             print(f"LCT {name:5s} (fit on {len(val)} val jets, scored on {len(test)} test jets): "
                   f"acc {m['acc']:.4f} AUC {m['auc']:.4f} 1/eps_B(0.5) {m['rej50']:.1f}")

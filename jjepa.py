@@ -342,34 +342,6 @@ def embed_jets(encoder, data, device, batch_size=512):
     return torch.cat(out)
 
 
-def collapse_stats(z):
-    """Mean pairwise cosine similarity (paper: 0.457) and mean per-dimension std of (N, C)."""
-    zn = F.normalize(z, dim=1)
-    n = len(z)
-    cos = ((zn.sum(0).pow(2).sum() - n) / max(n * (n - 1), 1)).item()
-    return dict(cos_sim=cos, std=z.std(0).mean().item())
-
-
-def linear_probe(z_train, y_train, z_test, y_test, steps=300, seed=0):
-    """Logistic regression on frozen, standardised representations -> roc_metrics dict."""
-    mean, std = z_train.mean(0), z_train.std(0) + 1e-6
-    z_train, z_test = (z_train - mean) / std, (z_test - mean) / std
-    classes = torch.unique(torch.cat([y_train, y_test]))  # e.g. QCD=0, Tbqq=8 -> 0, 1
-    y_train, y_test = torch.searchsorted(classes, y_train), torch.searchsorted(classes, y_test)
-    n_cls = len(classes)
-    torch.manual_seed(seed)
-    head = nn.Linear(z_train.shape[1], n_cls)
-    opt = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-3)
-    for _ in range(steps):  # full batch: a few thousand jets x C features
-        opt.zero_grad()
-        F.cross_entropy(head(z_train), y_train).backward()
-        opt.step()
-    with torch.no_grad():
-        prob = head(z_test).softmax(-1).numpy()
-    score = prob[:, 1] if n_cls == 2 else prob
-    return common.roc_metrics(y_test.numpy(), score)
-
-
 # --- training ------------------------------------------------------------------------------
 
 def load_split(args, cfg, split, n_jets):
@@ -411,7 +383,7 @@ def evaluate(model, data, args, device, ctx):
         losses.append(loss.item())
     model.train()
     z = embed_jets(model.target_encoder, data, device, args.batch_size)
-    return dict(val_loss=float(np.mean(losses)), **collapse_stats(z))
+    return dict(val_loss=float(np.mean(losses)), **common.collapse_stats(z))
 
 
 def train(args):
@@ -491,7 +463,7 @@ def train(args):
             stats = dict(step=step, loss=loss.item(), lr=lr, **stats)
             logger.log(stats)
             print(f"step {step}/{total_steps} loss {stats['loss']:.4f} val {stats['val_loss']:.4f} "
-                  f"cos_sim {stats['cos_sim']:.3f} std {stats['std']:.3f} lr {lr:.2e}")
+                  f"cos {stats['cos']:.3f} std {stats['std']:.3f} erank {stats['erank']:.1f} lr {lr:.2e}")
             # the encoder finetune.py reads is the EMA target encoder
             common.save_checkpoint(os.path.join(args.out, "jjepa.pt"), method="jjepa", args=args,
                                    model=raw_model, encoder=raw_model.target_encoder,
@@ -513,7 +485,7 @@ def train(args):
         z_fit = embed_jets(raw_model.target_encoder, {k: v[pick] for k, v in train_data.items()},
                            device, args.batch_size)
         z_val = embed_jets(raw_model.target_encoder, val_data, device, args.batch_size)
-        probe = linear_probe(z_fit, y_train[pick], z_val, y_val, seed=args.seed)
+        probe = common.linear_probe(z_fit, y_train[pick], z_val, y_val)
         stats.update({f"probe_{k}": v for k, v in probe.items() if k != "per_class"})
         print(f"linear probe ({m} train jets -> {len(y_val)} val jets): acc {probe['acc']:.4f} "
               f"auc {probe['auc']:.4f} 1/eps_B(0.5) {probe['rej50']:.1f}")

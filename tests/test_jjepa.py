@@ -196,7 +196,7 @@ def test_tiny_run_overfits(synthetic):
 def test_probe_beats_chance(tiny_run):
     """1-prong vs 3-prong: even a briefly trained encoder separates them."""
     assert tiny_run["probe_acc"] > 0.8 and tiny_run["probe_auc"] > 0.9
-    assert 0.0 < tiny_run["cos_sim"] < 1.0 and tiny_run["std"] > 0
+    assert 0.0 < tiny_run["cos"] < 1.0 and tiny_run["std"] > 0
 
 
 def test_loss_flags_change_the_loss():
