@@ -856,7 +856,7 @@ class EncoderConfig:
     dim: int = 64                   # token width
     heads: int = 4
     depth: int = 4                  # particle (self-attention) blocks
-    cls_depth: int = 2              # class-attention blocks giving the jet vector
+    cls_depth: int = 2              # class-attention blocks giving the jet vector (0: mean of tokens)
     pair_dim: tuple = (32, 32)      # pair-bias MLP hidden widths; () = no pair bias, p4 unused
     mlp_ratio: int = 4
     dropout: float = 0.0            # attention, residual and MLP dropout of the particle blocks
@@ -887,8 +887,6 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        if cfg.cls_depth < 1:
-            raise ValueError("EncoderConfig: cls_depth must be >= 1 (the jet vector is the CLS output)")
         self.cfg = cfg
         self.embed = _norm_linear_gelu((cfg.in_dim, *cfg.embed_hidden, cfg.dim))
         pd = tuple(cfg.pair_dim)
@@ -903,8 +901,9 @@ class Encoder(nn.Module):
         # class blocks without dropout, as ParT
         self.cls_blocks = nn.ModuleList(ClassBlock(cfg.dim, cfg.heads, cfg.mlp_ratio)
                                         for _ in range(cfg.cls_depth))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if cfg.cls_depth:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.norm = nn.LayerNorm(cfg.dim)
 
     def pair_bias(self, p4, valid):
@@ -932,12 +931,14 @@ class Encoder(nn.Module):
         bias = attention_bias(valid, pair, x.dtype)                             # (B, H|1, N, N)
         for block in self.blocks:
             x = block(x, bias)
+        tokens = self.norm(x) * valid[..., None]
+        if not self.cfg.cls_depth:  # no class attention: the masked mean of the tokens
+            return tokens, valid, tokens.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
         cls_valid = torch.cat([valid.new_ones(B, 1), valid], dim=1)
         cls_bias = attention_bias(cls_valid, None, x.dtype)                     # (B, 1, 1, 1 + N)
         cls = self.cls_token.expand(B, -1, -1)
         for block in self.cls_blocks:
             cls = block(cls, x, cls_bias)
-        tokens = self.norm(x) * valid[..., None]
         return tokens, valid, self.norm(cls[:, 0])
 
 

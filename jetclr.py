@@ -285,8 +285,8 @@ def nt_xent(z1, z2, temperature=0.1):
 
 
 def encoder_config(args):
-    # pT-weighted pooling ignores the CLS output; common.Encoder needs >= 1 class block, so keep one
-    cls_depth = args.cls_depth if args.pooling == "cls" else 1
+    # pT-weighted pooling needs no class blocks (unused parameters would also stall DDP)
+    cls_depth = args.cls_depth if args.pooling == "cls" else 0
     enc = common.EncoderConfig(in_dim=7, dim=args.dim, heads=args.heads, depth=args.depth,
                                cls_depth=cls_depth, pair_dim=(32, 32) if args.pair_bias else ())
     return dict(asdict(enc), pooling=args.pooling)  # flat: checkpoints store plain values

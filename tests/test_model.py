@@ -168,3 +168,16 @@ def test_bench_smoke():
         ["--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--preset", "small",
          "--no-weaver", "--no-compile"]))
     assert len(rows) == 1 and rows[0][4] > 0
+
+
+def test_no_class_blocks_gives_masked_mean_and_no_unused_parameters():
+    """cls_depth=0 (e.g. JetCLR's pT-weighted pooling): the jet vector is the masked mean of the
+    tokens, and every parameter gets a gradient (DDP would stall on unused ones)."""
+    cfg = common.EncoderConfig(in_dim=3, dim=16, heads=2, depth=1, cls_depth=0, pair_dim=())
+    enc = common.Encoder(cfg)
+    x, valid = torch.randn(3, 8, 3), torch.arange(8)[None] < torch.tensor([[8], [3], [1]])
+    tokens, _, jet = enc(x, valid)
+    expect = (tokens * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+    torch.testing.assert_close(jet, expect)
+    jet.sum().backward()
+    assert all(p.grad is not None for p in enc.parameters())
