@@ -469,36 +469,6 @@ def jet_vectors(encoder, jets, s, batch_size):
     return torch.cat(out)
 
 
-def linear_probe(z_train, y_train, z_test, y_test, steps):
-    """Multinomial logistic regression (full-batch L-BFGS, small L2) on frozen vectors. Labels
-    are remapped to 0..C-1 in CLASSES order (QCD stays 0). Returns common.roc_metrics on the
-    test vectors: acc, and for two classes AUC and 1/eps_B."""
-    classes = np.unique(y_train)
-    lookup = {c: i for i, c in enumerate(classes)}
-    keep = np.isin(y_test, classes)
-    y_tr = torch.tensor([lookup[c] for c in y_train])
-    y_te = np.array([lookup[c] for c in y_test[keep]])
-    mean, std = z_train.mean(0), z_train.std(0).clamp(min=1e-6)
-    a, b = (z_train - mean) / std, (z_test[torch.from_numpy(keep)] - mean) / std
-    W = torch.zeros(a.shape[1], len(classes), requires_grad=True)
-    bias = torch.zeros(len(classes), requires_grad=True)
-    opt = torch.optim.LBFGS([W, bias], lr=1.0, max_iter=steps, history_size=20,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = F.cross_entropy(a @ W + bias, y_tr) + 1e-4 * (W * W).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        probs = torch.softmax(b @ W + bias, 1).double().numpy()
-    out = common.roc_metrics(y_te, probs)
-    out.pop("per_class", None)
-    return out
-
-
 # --- training -----------------------------------------------------------------------------------
 
 def train(args):
@@ -603,7 +573,8 @@ def train(args):
         for name, enc in (("probe", raw_model.encoder), ("probe_random", random_encoder)):
             z_tr = jet_vectors(enc, probe_train, s, args.batch_size)
             z_te = jet_vectors(enc, val, s, args.batch_size)
-            result[name] = linear_probe(z_tr, y_tr, z_te, y_te, args.probe_steps)
+            result[name] = common.linear_probe(z_tr, y_tr, z_te, y_te, args.probe_steps)
+            result[name].pop("per_class", None)
         fmt = lambda m: " ".join(f"{k} {v:.4f}" for k, v in m.items())  # noqa: E731
         print(f"linear probe on {len(val)} val jets ({len(np.unique(y_tr))} classes, fitted on "
               f"{len(pick)} train jets):\n  pretrained : {fmt(result['probe'])}\n"
