@@ -579,9 +579,9 @@ def train(args):
         print(f"linear probe on {len(val)} val jets ({len(np.unique(y_tr))} classes, fitted on "
               f"{len(pick)} train jets):\n  pretrained : {fmt(result['probe'])}\n"
               f"  random init: {fmt(result['probe_random'])}")
-    if "token_acc" in result["val"]:
+    if s.master and "token_acc" in result["val"]:
         print(f"masked-token accuracy (val) {result['val']['token_acc']:.4f} (K = {args.k})")
-    else:
+    elif s.master:
         names = [common.FEATURE_NAMES[args.features][c] for c in TARGET_COLS[args.features]]
         print("L1 per standardised target (val): " + ", ".join(
             f"{n} {v:.3f}" for n, v in zip(names, result["val"]["l1_per_feature"])))
