@@ -1008,6 +1008,20 @@ def roc_metrics(y, score):
 
 
 # --- representation diagnostics (every pretraining script ends with these) ---------------------
+@torch.no_grad()
+def embed(encoder, inputs, device, ctx=contextlib.nullcontext(), batch_size=512, trim=("x", "p4")):
+    """Jet vectors (N, C) in fp32 on the CPU, in row order: encoder(**batch)[2] over the arrays
+    in `inputs` (a dict or Jets), in eval mode; the encoder's train/eval state is restored."""
+    was_training = encoder.training
+    encoder.eval()
+    out = []
+    for batch in epoch_batches(inputs, batch_size, device, shuffle=False, drop_last=False, trim=trim):
+        with ctx:
+            out.append(encoder(**batch)[2].float().cpu())
+    encoder.train(was_training)
+    return torch.cat(out)
+
+
 def linear_probe(z_fit, y_fit, z_score, y_score, steps=200, l2=1e-4):
     """Multinomial logistic regression on frozen jet representations z (N, C): standardised with
     the fit set's statistics, full-batch L-BFGS in fp32 on the CPU from zero weights (so the

@@ -428,18 +428,6 @@ def make_batch(x, valid, args, mask_gen, noise_gen, device):
 
 # --- evaluation ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def representations(encoder, jets, device, ctx, batch_size=256):
-    """Mean-pooled encoder output of full (unmasked) jets -> (N, C) float32 CPU."""
-    out = []
-    for i in range(0, len(jets), batch_size):
-        x = torch.from_numpy(np.array(jets.x[i:i + batch_size])).to(device)
-        valid = torch.from_numpy(np.array(jets.valid[i:i + batch_size])).to(device)
-        with ctx:
-            out.append(encoder(x, valid)[2].float().cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
 def val_loss(model, jets, args, device, ctx, batch_size):
     mask_gen, noise_gen = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(4321)
     total, n = 0.0, 0
@@ -536,8 +524,11 @@ def train(args):
                                encoder=raw_model.encoder, model=raw_model, optimizer=opt, step=step,
                                generators=gens)
 
+    def embed(encoder, jets):  # mean-pooled encoder output of whole (unmasked) jets, (N, C)
+        return common.embed(encoder, dict(x=jets.x, valid=jets.valid), s.device, s.ctx, 256, ("x",))
+
     def evaluate(step):  # validation loss + collapse diagnostics of the jet representations
-        z = representations(raw_model.encoder, val, s.device, s.ctx)
+        z = embed(raw_model.encoder, val)
         return dict(step=step, val_loss=val_loss(raw_model, val, args, s.device, s.ctx, args.batch_size),
                     **common.collapse_stats(z))
 
@@ -583,7 +574,7 @@ def train(args):
     if s.master:
         result = result or evaluate(step)        # --epochs 0: the randomly initialised encoder
         tr, te = load("train", args.probe_jets), load("test", args.n_eval)
-        z_tr, z_te = (representations(raw_model.encoder, j, s.device, s.ctx) for j in (tr, te))
+        z_tr, z_te = embed(raw_model.encoder, tr), embed(raw_model.encoder, te)
         result["probe_acc"] = common.linear_probe(z_tr, tr.y, z_te, te.y)["acc"]
         print(f"probe accuracy {result['probe_acc']:.4f} ({len(tr)} train / {len(te)} test jets); "
               f"val jets: cos {result['cos']:.3f} std {result['std']:.3f} erank {result['erank']:.1f}")

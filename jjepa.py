@@ -333,15 +333,6 @@ def ema_update(target, online, momentum):
 
 # --- evaluation ------------------------------------------------------------------------------
 
-@torch.no_grad()
-def embed_jets(encoder, data, device, batch_size=512):
-    """Jet representations (N, C) float32 on the CPU from tensors in `data` (dict)."""
-    n = len(data["idx"])
-    out = [encoder(*(data[k][i:i + batch_size].to(device) for k in ("x", "idx", "pos")))[2].float().cpu()
-           for i in range(0, n, batch_size)]
-    return torch.cat(out)
-
-
 # --- training ------------------------------------------------------------------------------
 
 def load_split(args, cfg, split, n_jets):
@@ -382,7 +373,7 @@ def evaluate(model, data, args, device, ctx):
                          tgt_valid=tgt_valid.to(device), context=context.to(device))
         losses.append(loss.item())
     model.train()
-    z = embed_jets(model.target_encoder, data, device, args.batch_size)
+    z = common.embed(model.target_encoder, data, device, batch_size=args.batch_size)
     return dict(val_loss=float(np.mean(losses)), **common.collapse_stats(z))
 
 
@@ -482,9 +473,9 @@ def train(args):
         m = min(args.probe_jets, n)
         # a random subset: the jets come class by class (file order), so a prefix would not do
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:m]
-        z_fit = embed_jets(raw_model.target_encoder, {k: v[pick] for k, v in train_data.items()},
-                           device, args.batch_size)
-        z_val = embed_jets(raw_model.target_encoder, val_data, device, args.batch_size)
+        z_fit = common.embed(raw_model.target_encoder, {k: v[pick] for k, v in train_data.items()},
+                             device, batch_size=args.batch_size)
+        z_val = common.embed(raw_model.target_encoder, val_data, device, batch_size=args.batch_size)
         probe = common.linear_probe(z_fit, y_train[pick], z_val, y_val)
         stats.update({f"probe_{k}": v for k, v in probe.items() if k != "per_class"})
         print(f"linear probe ({m} train jets -> {len(y_val)} val jets): acc {probe['acc']:.4f} "

@@ -455,20 +455,6 @@ def evaluate(raw_model, data, args, s):
     return {k: (v / max(n, 1)).tolist() for k, v in sums.items()}
 
 
-@torch.no_grad()
-def jet_vectors(encoder, jets, s, batch_size):
-    """Frozen jet vectors (N, C) of whole (unmasked) jets, detached, fp32, on the CPU."""
-    was_training = encoder.training
-    encoder.eval()
-    out = []
-    data = dict(x=jets.x, valid=jets.valid, p4=jets.p4)
-    for b in common.epoch_batches(data, batch_size, s.device, shuffle=False, drop_last=False):
-        with s.ctx:
-            out.append(encoder(b["x"], b["valid"], b["p4"])[2].float().cpu())
-    encoder.train(was_training)
-    return torch.cat(out)
-
-
 # --- training -----------------------------------------------------------------------------------
 
 def train(args):
@@ -571,8 +557,9 @@ def train(args):
         random_encoder = build_encoder(enc_cfg).to(s.device)
         random_encoder.load_state_dict(init_encoder)
         for name, enc in (("probe", raw_model.encoder), ("probe_random", random_encoder)):
-            z_tr = jet_vectors(enc, probe_train, s, args.batch_size)
-            z_te = jet_vectors(enc, val, s, args.batch_size)
+            z_tr = common.embed(enc, dict(x=probe_train.x, valid=probe_train.valid, p4=probe_train.p4),
+                                s.device, s.ctx, args.batch_size)
+            z_te = common.embed(enc, val_data, s.device, s.ctx, args.batch_size)
             result[name] = common.linear_probe(z_tr, y_tr, z_te, y_te, args.probe_steps)
             result[name].pop("per_class", None)
         fmt = lambda m: " ".join(f"{k} {v:.4f}" for k, v in m.items())  # noqa: E731
