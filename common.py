@@ -95,7 +95,7 @@ def concat(parts):
 # --- data: features -------------------------------------------------------------------------
 
 def wrap_phi(phi):
-    """Angle difference into [-pi, pi)."""
+    """Angle difference into [-pi, pi) (numpy arrays or torch tensors)."""
     return (phi + np.pi) % (2 * np.pi) - np.pi
 
 
@@ -767,8 +767,7 @@ def _pair_feats(a, b):
                                / (v[..., 3] - v[..., 2]).clamp(min=_EPS))
 
     dy = rapidity(a) - rapidity(b)
-    dphi = torch.remainder(torch.atan2(a[..., 1], a[..., 0]) - torch.atan2(b[..., 1], b[..., 0])
-                           + math.pi, 2 * math.pi) - math.pi
+    dphi = wrap_phi(torch.atan2(a[..., 1], a[..., 0]) - torch.atan2(b[..., 1], b[..., 0]))
     delta = torch.sqrt(dy ** 2 + dphi ** 2)
     pt_min = torch.minimum(pt_a, pt_b)
     s = a + b
