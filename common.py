@@ -17,6 +17,7 @@
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib
 import json
@@ -92,6 +93,58 @@ def concat(parts):
     return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
+@dataclass
+class Chunk:
+    """Jets stored ragged, as the readers make them and the stream holds them: the particles of
+    all jets in one flat array, jet after jet (each jet's particles pT-descending, at most n_max),
+    so memory follows the real multiplicity (about 45 of 128 slots on JetClass) and a batch is
+    padded only to its own longest jet. `per_jet` holds y (N,) int64, jet (N, 4) float32 and
+    entry (N,) int64 (the jet's entry in its file), plus whatever the stream adds."""
+    x: np.ndarray      # float32 (P, F) particle features
+    p4: np.ndarray     # float32 (P, 4) (px, py, pz, E)
+    n: np.ndarray      # int64   (N,) particles of each jet
+    per_jet: dict      # name -> (N, ...) array
+
+    def __len__(self):
+        return len(self.n)
+
+    def take(self, idx):
+        """The jets idx (an index array), in that order."""
+        idx = np.asarray(idx, dtype=np.int64)
+        n = self.n[idx]
+        start = (np.cumsum(self.n) - self.n)[idx]
+        flat = np.repeat(start - (np.cumsum(n) - n), n) + np.arange(n.sum())
+        return Chunk(self.x[flat], self.p4[flat], n, {k: v[idx] for k, v in self.per_jet.items()})
+
+    @staticmethod
+    def join(a, b):
+        return Chunk(np.concatenate([a.x, b.x]), np.concatenate([a.p4, b.p4]),
+                     np.concatenate([a.n, b.n]),
+                     {k: np.concatenate([v, b.per_jet[k]]) for k, v in a.per_jet.items()})
+
+    def pad(self, length):
+        """dict of padded arrays: x (N, length, F), p4 (N, length, 4), valid (N, length), and
+        the per-jet arrays. length must be >= the longest jet."""
+        N, F = len(self.n), self.x.shape[-1]
+        valid = np.arange(length)[None, :] < self.n[:, None]
+        x = np.zeros((N, length, F), dtype=np.float32)
+        p4 = np.zeros((N, length, 4), dtype=np.float32)
+        x[valid], p4[valid] = self.x, self.p4
+        return dict(x=x, p4=p4, valid=valid, **self.per_jet)
+
+    def to_jets(self, n_max):
+        b = self.pad(n_max)
+        return Jets(x=b["x"], p4=b["p4"], valid=b["valid"], y=b["y"], jet=b["jet"])
+
+    @staticmethod
+    def from_jets(jets, **per_jet):
+        """Padded `Jets` (valid first) -> Chunk; per_jet: more (N, ...) arrays to carry."""
+        valid = np.asarray(jets.valid)
+        return Chunk(np.asarray(jets.x)[valid], np.asarray(jets.p4)[valid],
+                     valid.sum(1).astype(np.int64),
+                     dict(y=np.asarray(jets.y).astype(np.int64), jet=np.asarray(jets.jet), **per_jet))
+
+
 # --- data: features -------------------------------------------------------------------------
 
 def wrap_phi(phi):
@@ -146,12 +199,13 @@ def particle_features(p4, valid, jet, deta, dphi, extra=None, features="kin"):
     return x
 
 
-def assemble(parts, counts, jet, y, n_max, features, drops):
-    """The one place where every reader's output becomes `Jets`.
+def assemble(parts, counts, jet, y, n_max, features, drops, entry=None):
+    """The one place where every reader's output becomes jets (a ragged `Chunk`).
     parts: dict of flat per-particle arrays, jet by jet (part_px, part_py, part_pz,
     part_energy, part_deta, part_dphi, optional extras), counts (N,), jet (N, 4), y (N,).
     Drops non-finite constituents and then empty jets, counting both in `drops`; sorts each
-    jet's constituents by pT (descending), keeps the first n_max and pads."""
+    jet's constituents by pT (descending) and keeps the first n_max. entry (N,): each jet's
+    entry number in its file (default 0..N-1), kept for the jets that survive."""
     counts = np.asarray(counts, dtype=np.int64)
     row = np.repeat(np.arange(len(counts)), counts)
     finite = np.ones(len(row), dtype=bool)
@@ -177,17 +231,12 @@ def assemble(parts, counts, jet, y, n_max, features, drops):
     sel = order[col < n_max]
     parts = {k: v[sel] for k, v in parts.items()}
     row = row[sel]
-    flat = row * n_max + col[col < n_max]        # scatter into (N * n_max, ...) views
-    n, n_feat = len(counts), len(FEATURE_NAMES[features])
-    valid = np.arange(n_max)[None, :] < counts[:, None]
-    p4 = np.zeros((n, n_max, 4), dtype=np.float32)
-    p4.reshape(-1, 4)[flat] = np.stack(
-        [parts[k] for k in ("part_px", "part_py", "part_pz", "part_energy")], -1)
-    x = np.zeros((n, n_max, n_feat), dtype=np.float32)
-    x.reshape(-1, n_feat)[flat] = features_flat(
-        parts["part_px"], parts["part_py"], parts["part_energy"], parts["part_deta"],
-        wrap_phi(parts["part_dphi"]), jet[row], parts, features)
-    return Jets(x=x, p4=p4, valid=valid, y=y, jet=jet)
+    p4 = np.stack([parts[k] for k in ("part_px", "part_py", "part_pz", "part_energy")], -1)
+    x = features_flat(parts["part_px"], parts["part_py"], parts["part_energy"], parts["part_deta"],
+                      wrap_phi(parts["part_dphi"]), jet[row], parts, features)
+    entry = np.arange(len(keep)) if entry is None else np.asarray(entry)
+    return Chunk(x, p4.astype(np.float32), np.minimum(counts, n_max),
+                 dict(y=y, jet=jet, entry=entry[keep].astype(np.int64)))
 
 
 # --- data: readers --------------------------------------------------------------------------
@@ -210,6 +259,14 @@ def _open_root(path):
                          f"({type(e).__name__}: {e}); the file may be truncated, download it again")
 
 
+@functools.lru_cache(maxsize=64)
+def _open_root_cached(path, pid, mtime, size):
+    """An open tree per file and process (opening costs ~20 ms; a stream reads each file in
+    many chunks). The pid in the key keeps forked loader workers from sharing a parent's handle;
+    mtime and size make a rewritten file a new key."""
+    return _open_root(path)
+
+
 def _num_entries(source, path):
     if source == "toptagging":
         f, table = _open_h5(path)
@@ -221,7 +278,8 @@ def _num_entries(source, path):
 def read_root(path, start, stop, n_max, features, drops, step=50_000):
     """JetClass layout (real files and jetgen output)."""
     import awkward as ak
-    tree = _open_root(path)
+    st = os.stat(path)
+    tree = _open_root_cached(str(path), os.getpid(), st.st_mtime_ns, st.st_size)
     names = set(tree.keys())
     # uproot >= 5.7 writes a record "part" as an RNTuple field part.px (real JetClass files
     # are TTrees with branches part_px): accept both, addressed by the TTree names
@@ -252,7 +310,7 @@ def read_root(path, start, stop, n_max, features, drops, step=50_000):
         jet = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in JET_BRANCHES], -1)
         onehot = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in labels], -1)
         y = label_idx[onehot.argmax(-1)]
-        yield assemble(parts, counts, jet, y, n_max, features, drops)
+        yield assemble(parts, counts, jet, y, n_max, features, drops, np.arange(a, a + len(y)))
 
 
 BLOSC_FILTERS = {32001: "blosc", 32026: "blosc2"}
@@ -332,7 +390,7 @@ def read_h5(path, start, stop, n_max, features, drops, step=50_000):
             parts = {"part_px": px, "part_py": py, "part_pz": pz, "part_energy": e,
                      "part_deta": signed_deta(eta, jet_eta[row]),
                      "part_dphi": wrap_phi(phi - jet_phi[row])}
-            yield assemble(parts, counts, jet, y, n_max, features, drops)
+            yield assemble(parts, counts, jet, y, n_max, features, drops, np.arange(a, a + len(y)))
 
 
 READERS = {"pythia": read_root, "jetclass": read_root, "toptagging": read_h5}
@@ -467,7 +525,7 @@ def load_jets(source, path=None, split="train", n_jets=None, n_max=128, features
     for f, n in zip(files, _budget(n_jets, len(files))):
         total = _num_entries(source, f)
         stop = total if n is None else min(n, total)
-        chunks += list(READERS[source](f, 0, stop, n_max, features, drops))
+        chunks += [c.to_jets(n_max) for c in READERS[source](f, 0, stop, n_max, features, drops)]
     _warn_drops(drops, f"{source} {split}")
     jets = concat(chunks)
     if cache:
@@ -477,18 +535,225 @@ def load_jets(source, path=None, split="train", n_jets=None, n_max=128, features
     return jets
 
 
-def iter_jets(source, path=None, split="train", n_max=128, features="kin", rank=0, world_size=1,
-              classes=None, chunk_size=50_000):
-    """Stream a split as `Jets` chunks, file by file, never holding more than one chunk.
-    The work units (file, entry range of chunk_size) are sharded by rank so that each of
-    world_size processes reads a disjoint part (a single big .h5 file is split by rows)."""
-    files = find_files(source, path, split, classes)
-    units = [(f, a, min(a + chunk_size, n)) for f in files
-             for n in [_num_entries(source, f)] for a in range(0, n, chunk_size)]
-    drops = {"constituents": 0, "jets": 0}
-    for f, a, b in units[rank::world_size]:
-        yield from READERS[source](f, a, b, n_max, features, drops, step=chunk_size)
-    _warn_drops(drops, f"{source} {split} (rank {rank})")
+# --- data: streaming --------------------------------------------------------------------------
+# Training and evaluation read every split through `JetStream`, whatever its size: files are
+# read in chunks inside DataLoader workers, so memory is bounded by the shuffle buffer, never by
+# the split (JetClass train is 100M jets, about 1 TB padded). One epoch is planned from the
+# files' metadata alone (entry counts; nothing is decompressed):
+#   1. units: each file's used entries [0, budget) cut into chunks of `chunk` jets;
+#   2. order: JetClass files hold one class each, so the units are interleaved class by class
+#      (each class's units in random order, spread evenly over the epoch with a random jitter):
+#      any stretch of the epoch holds the classes in the split's proportions;
+#   3. shards: the epoch is one long sequence of jets; rank r takes the r-th of world_size equal
+#      parts (the tail smaller than one global batch is dropped), and worker w of that rank takes
+#      a contiguous share of its batches; so no jet is read twice and none is skipped, and since
+#      the unit order changes with the epoch, so do the shards;
+#   4. mixing: each worker pours its units through a shuffle buffer of shuffle_buffer / workers
+#      jets and draws its batches from it.
+# Every random choice comes from (seed, epoch, rank, worker): a resumed run replays the epoch up
+# to where it stopped (reading, not training) and continues bit for bit.
+
+
+def seed_of(*keys):
+    """One 63-bit seed from what a generator is for, e.g. seed_of(args.seed, "masks", rank):
+    every random stream in nanojet is seeded this way, so no two of them can collide (as
+    seed*1000+rank and seed*1000+epoch did). keys: non-negative ints and strings."""
+    ints = [k if isinstance(k, int) else int.from_bytes(hashlib.sha1(str(k).encode()).digest()[:4],
+                                                        "little") for k in keys]
+    return int(np.random.SeedSequence(ints).generate_state(1, np.uint64)[0] >> 1)
+
+
+def generator(*keys):
+    """A CPU torch.Generator seeded with seed_of(*keys) (masks, augmentations, noise)."""
+    return torch.Generator().manual_seed(seed_of(*keys))
+
+
+def _class_of(path):
+    """The class prefix of a JetClass-layout file (TTBar of TTBar_012.root): the stratum."""
+    return Path(path).name.rsplit("_", 1)[0]
+
+
+class JetStream(torch.utils.data.IterableDataset):
+    """Padded batches (dicts of CPU tensors) of one epoch of a split, for one rank.
+
+    data: a source name ("pythia" | "jetclass" | "toptagging", read from files under `path`) or
+    a `Jets` already in memory (small labelled sets, tests). n_jets caps the jets per epoch,
+    spread evenly over the class files. extra: per-jet arrays (name -> (N, ...)) added to the
+    batches of an in-memory source (e.g. finetune's labels). transform(batch) -> batch runs in
+    the worker on each padded numpy batch (J-JEPA clusters its subjets there). pad: "batch" cuts
+    the particle axis to the batch's longest jet, rounded up to 16 (few compiled shapes);
+    "n_max" keeps n_max slots (JetCLR's collinear splits fill the free ones).
+    Batches hold x (B, L, F), p4 (B, L, 4), valid (B, L), y (B,), jet (B, 4) and source (B, 2)
+    = (file index, entry), which names the file and entry of every jet."""
+
+    def __init__(self, data, split="train", *, path=None, n_jets=None, n_max=128, features="kin",
+                 classes=None, batch_size=256, seed=0, shuffle=True, drop_last=True, rank=0,
+                 world_size=1, shuffle_buffer=100_000, workers=0, chunk=None, extra=None,
+                 transform=None, pad="batch"):
+        super().__init__()
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.rank, self.world_size, self.transform, self.pad = rank, world_size, transform, pad
+        self.n_max, self.features, self.extra, self.workers = n_max, features, extra or {}, workers
+        self.buffer = max(shuffle_buffer // max(workers, 1), 2 * batch_size) if shuffle else batch_size
+        if isinstance(data, Jets):
+            self.source, self.files = None, ["memory"]
+            self.jets = data if n_jets is None else data[:n_jets]
+            self.counts = [len(self.jets)]
+        else:
+            if features not in FEATURE_NAMES:
+                raise ValueError(f"features must be one of {list(FEATURE_NAMES)}, got {features!r}")
+            self.source, self.jets = data, None
+            self.files = find_files(data, path, split, classes)
+            self.counts = [min(n, total) if n is not None else total for n, total in
+                           zip(_budget(n_jets, len(self.files)),
+                               (_num_entries(data, f) for f in self.files))]
+        self.n = sum(self.counts)  # jets per epoch
+        # units small enough that a worker's buffer holds ~16 of them (mixing), large enough
+        # that a read decompresses whole baskets
+        self.chunk = chunk or int(np.clip(self.buffer // 16, 256, 10_000))
+        per_rank = self.n // world_size
+        self.steps = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+        self.jets_per_rank = self.steps * batch_size if drop_last else per_rank
+        if self.steps == 0:
+            raise SystemExit(f"{self.n} {split} jets are fewer than one step needs (--batch-size "
+                             f"{batch_size} x {world_size} processes): lower --batch-size or use "
+                             "more jets")
+        self.epoch, self.start = 0, 0
+
+    def __len__(self):
+        return self.steps  # batches per epoch on this rank
+
+    def set_epoch(self, epoch, start=0):
+        """Plan `epoch`, skipping its first `start` batches (resume)."""
+        self.epoch, self.start = epoch, start
+        return self
+
+    def units(self, epoch):
+        """The epoch's reading units (file index, first entry, stop entry), in reading order."""
+        if self.jets is not None:  # in memory: single jets in a random order
+            return None
+        units = [(i, a, min(a + self.chunk, c)) for i, c in enumerate(self.counts)
+                 for a in range(0, c, self.chunk)]
+        if not self.shuffle:
+            return units
+        rng = np.random.default_rng(seed_of(self.seed, "units", epoch))
+        stratum = [_class_of(self.files[u[0]]) for u in units]
+        key = np.empty(len(units))
+        for s in sorted(set(stratum)):
+            mine = np.flatnonzero([t == s for t in stratum])
+            k = rng.permutation(len(mine))
+            key[mine] = (k + rng.random(len(mine))) / len(mine)
+        return [units[i] for i in np.argsort(key, kind="stable")]
+
+    def _reads(self, units, lo, hi, drops):
+        """Chunks holding jets [lo, hi) of the epoch's sequence, each tagged with its file."""
+        if units is None:  # in memory: a permutation of single jets
+            order = (np.random.default_rng(seed_of(self.seed, "order", self.epoch)).permutation(self.n)
+                     if self.shuffle else np.arange(self.n))
+            for a in range(lo, hi, self.chunk):
+                idx = np.sort(order[a:min(a + self.chunk, hi)])  # sorted: reads a memmap in order
+                yield Chunk.from_jets(self.jets[idx], entry=idx, file=np.zeros(len(idx), np.int64),
+                                      **{k: np.asarray(v)[idx] for k, v in self.extra.items()})
+            return
+        ends = np.cumsum([b - a for _, a, b in units])
+        for u in range(int(np.searchsorted(ends, lo, side="right")), len(units)):
+            i, a, b = units[u]
+            begin = ends[u] - (b - a)
+            if begin >= hi:
+                break
+            for c in READERS[self.source](self.files[i], a + max(lo - begin, 0),
+                                          a + min(hi - begin, b - a), self.n_max, self.features,
+                                          drops, step=self.chunk):
+                c.per_jet["file"] = np.full(len(c), i, dtype=np.int64)
+                yield c
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers, w = (1, 0) if info is None else (info.num_workers, info.id)
+        # the DataLoader takes batches from its workers in turn, starting with worker 0, so batch
+        # k of the epoch comes from worker k % workers. After skipping `start` batches (resume)
+        # worker 0 must play the part of worker start % workers.
+        w = (w + self.start) % workers
+        n_mine = len(range(w, self.steps, workers))
+        skip = len(range(w, min(self.start, self.steps), workers))
+        # this worker reads a contiguous share of the rank's jets: n_mine batches' worth
+        first = sum(len(range(v, self.steps, workers)) for v in range(w)) * self.batch_size
+        lo = self.rank * self.jets_per_rank + first
+        hi = self.rank * self.jets_per_rank + min(first + n_mine * self.batch_size, self.jets_per_rank)
+        rng = np.random.default_rng(seed_of(self.seed, "buffer", self.epoch, self.rank, w))
+        drops = {"constituents": 0, "jets": 0}
+        buf, made, B = None, 0, self.batch_size
+
+        def draw(c, lo, hi):
+            nonlocal made
+            made += 1
+            if made > skip:  # skipped batches (resume) are read and shuffled, never padded
+                return self._collate(c.take(np.arange(lo, hi)))
+
+        for chunk in self._reads(self.units(self.epoch), lo, hi, drops):
+            buf = chunk if buf is None else Chunk.join(buf, chunk)
+            if len(buf) < self.buffer + B:
+                continue
+            if self.shuffle:
+                buf = buf.take(rng.permutation(len(buf)))
+            k = (len(buf) - self.buffer) // B * B  # draw batches, keep `buffer` jets to mix
+            for a in range(0, k, B):
+                if (batch := draw(buf, a, a + B)) is not None:
+                    yield batch
+            buf = buf.take(np.arange(k, len(buf)))
+        if buf is not None and self.shuffle:
+            buf = buf.take(rng.permutation(len(buf)))
+        for a in range(0, len(buf) if buf is not None else 0, B):
+            if a + B <= len(buf) or not self.drop_last:
+                if (batch := draw(buf, a, min(a + B, len(buf)))) is not None:
+                    yield batch
+        if drops["constituents"] or drops["jets"]:
+            _warn_drops(drops, f"{self.source} (rank {self.rank}, worker {w})")
+        # a reader that dropped jets (NaN, empty) leaves this worker short: repeat jets it has
+        # read, so that every rank still takes the same number of steps (DDP would hang)
+        while self.drop_last and made < n_mine and buf is not None and len(buf):
+            if (batch := draw(buf.take(rng.integers(0, len(buf), B)), 0, B)) is not None:
+                yield batch
+
+    def _collate(self, c):
+        longest = max(1, math.ceil(int(c.n.max()) / 16)) * 16
+        batch = c.pad(self.n_max if self.pad == "n_max" else min(self.n_max, longest))
+        batch["source"] = np.stack([batch.pop("file"), batch.pop("entry")], -1)
+        if self.transform is not None:
+            batch = self.transform(batch)
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+    def describe(self, source):
+        """'<file> entry <e>' of a jet, from its row of a batch's `source` (B, 2)."""
+        i, e = (int(v) for v in source)
+        return f"{self.files[i]} entry {e}"
+
+
+def loader(stream, device, epoch=0, start=0):
+    """Batches of one epoch of `stream` on `device`, skipping the first `start` (resume). With
+    stream.workers > 0 they are made in DataLoader worker processes (prefetched, pinned for
+    CUDA); with 0, in this process."""
+    stream.set_epoch(epoch, start)
+    if stream.workers > 0:
+        stream = torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=stream.workers, pin_memory=device.type == "cuda",
+            prefetch_factor=4, persistent_workers=False, multiprocessing_context="fork")
+    for batch in stream:
+        yield {k: t.to(device, non_blocking=True) for k, t in batch.items()}
+
+
+def train_batches(stream, device, epochs, *, steps=0, start_step=0):
+    """(step, epoch, batch) from global step `start_step` (resume) until epochs x len(stream)
+    steps, or exactly `steps` steps when steps > 0 (then epochs run on as needed)."""
+    total = steps or epochs * len(stream)
+    step = start_step
+    while step < total:
+        epoch, skip = divmod(step, len(stream))
+        for batch in loader(stream, device, epoch, skip):
+            yield step, epoch, batch
+            step += 1
+            if step == total:
+                return
 
 
 # --- subjets --------------------------------------------------------------------------------
@@ -1021,6 +1286,23 @@ def embed(encoder, inputs, device, ctx=contextlib.nullcontext(), batch_size=512,
     return torch.cat(out)
 
 
+@torch.no_grad()
+def embed_stream(encoder, stream, device, ctx=contextlib.nullcontext(), inputs=("x", "valid", "p4")):
+    """Jet vectors (N, C) fp32 and labels (N,) on the CPU from one pass over `stream` (a JetStream
+    made with shuffle=False, drop_last=False): encoder(**batch)[2] in eval mode. inputs: the batch
+    keys the encoder takes, or a function batch -> dict of its arguments."""
+    was_training = encoder.training
+    encoder.eval()
+    zs, ys = [], []
+    for batch in loader(stream, device):
+        kw = inputs(batch) if callable(inputs) else {k: batch[k] for k in inputs}
+        with ctx:
+            zs.append(encoder(**kw)[2].float().cpu())
+        ys.append(batch["y"].cpu())
+    encoder.train(was_training)
+    return torch.cat(zs), torch.cat(ys)
+
+
 def linear_probe(z_fit, y_fit, z_score, y_score, steps=200, l2=1e-4):
     """Multinomial logistic regression on frozen jet representations z (N, C): standardised with
     the fit set's statistics, full-batch L-BFGS in fp32 on the CPU from zero weights (so the
@@ -1425,22 +1707,6 @@ def epoch_batches(data, batch_size, device, *, seed=0, epoch=0, shuffle=True, ra
             batch.update(valid=valid, **dict(zip(keys, trimmed)))
         yield {k: (t.pin_memory() if pin else t).to(device, non_blocking=True)
                for k, t in batch.items()}
-
-
-def train_batches(data, batch_size, device, epochs, *, seed=0, start_step=0, rank=0,
-                  world_size=1, trim=("x", "p4")):
-    """(step, epoch, batch) over all epochs, beginning at global `start_step` (for --resume)."""
-    per_epoch = steps_per_epoch(len(next(iter(as_arrays(data).values()))), batch_size, world_size)
-    if per_epoch == 0:
-        raise SystemExit(f"fewer jets than one step needs (--batch-size {batch_size} x "
-                         f"{world_size} processes): lower --batch-size or raise --n-jets")
-    step = start_step
-    for epoch in range(start_step // per_epoch, epochs):
-        for batch in epoch_batches(data, batch_size, device, seed=seed, epoch=epoch,
-                                   rank=rank, world_size=world_size, start=step % per_epoch,
-                                   trim=trim):
-            yield step, epoch, batch
-            step += 1
 
 
 # --- logging ------------------------------------------------------------------------------------

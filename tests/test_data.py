@@ -254,18 +254,6 @@ def test_cache_hit_miss_invalidation(jc, tmp_cache, monkeypatch):
     assert len(entries()) == 5 and len(c) == 150
 
 
-def test_iter_jets_streams_and_shards(jc):
-    full = common.load_jets("jetclass", jc, split="val", cache=False)
-    chunks = {r: list(common.iter_jets("jetclass", jc, split="val", rank=r, world_size=2,
-                                       chunk_size=30)) for r in (0, 1)}
-    assert all(len(c) <= 30 for r in chunks for c in chunks[r])
-    assert len(chunks[0]) == 4 and len(chunks[1]) == 4      # 8 units of <= 30 jets
-    both = common.concat(chunks[0] + chunks[1])
-    assert len(both) == len(full)
-    key = lambda j: np.sort(j.p4[:, 0, 3])  # noqa: E731 (leading energies identify jets)
-    np.testing.assert_array_equal(key(both), key(full))
-
-
 # --- subjets ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("algorithm", ["ca", "kt", "antikt"])
