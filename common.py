@@ -1385,12 +1385,19 @@ def add_common_args(parser, skip=()):
     add("--n-max", type=int, default=128,
         help="particles kept per jet (the hardest ones); shorter jets are padded")
     add("--epochs", type=int, default=10, help="passes over the training jets")
+    add("--steps", type=int, default=0,
+        help="stop after this many optimizer steps, overriding --epochs (0: use --epochs)")
+    add("--workers", type=int, default=0,
+        help="DataLoader worker processes that read and prepare batches (0: in the main process)")
+    add("--shuffle-buffer", type=int, default=100_000,
+        help="jets per process held for shuffling while streaming")
     add("--batch-size", type=int, default=256, help="jets per step and per process")
     add("--lr", type=float, default=1e-3, help="peak learning rate (after warm-up)")
     add("--weight-decay", type=float, default=0.01,
         help="AdamW weight decay, applied to matrices only (not biases, norms)")
-    add("--warmup", type=int, default=100,
-        help="steps of linear learning-rate warm-up before the cosine decay")
+    add("--warmup", type=int, default=None,
+        help="steps of linear learning-rate warm-up before the cosine decay (default: "
+             "min(100, 5%% of the run))")
     add("--grad-clip", type=float, default=1.0,
         help="clip the global gradient norm to this value (0: no clipping)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -1518,6 +1525,24 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr=0.0):
         return min_lr
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def warmup_steps(warmup, total_steps):
+    """--warmup resolved for a run of total_steps: None -> min(100, 5% of the run); a warm-up
+    longer than the run never reaches the peak lr, so say so."""
+    if warmup is None:
+        return min(100, max(1, total_steps // 20))
+    if warmup > total_steps:
+        warnings.warn(f"--warmup {warmup} exceeds the run's {total_steps} steps: the learning rate "
+                      "never reaches its peak", stacklevel=2)
+    return warmup
+
+
+def check_finite(loss, step, where=""):
+    """Stop a run whose loss went NaN/inf (nothing is saved from non-finite weights)."""
+    if not torch.isfinite(loss).all():
+        raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping without saving"
+                         + (f" (batch from {where})" if where else ""))
 
 
 def set_lr(optimizer, lr):
