@@ -1,12 +1,21 @@
 """Data-layer throughput on this machine: jet generation, ROOT read + features, Top Tagging
-HDF5 read, subjet reclustering, cached loading. One process per figure; set OMP_NUM_THREADS=1
-for per-core numbers.
+HDF5 read, subjet reclustering, cached loading, and the streaming loader (common.JetStream).
+One process per figure; set OMP_NUM_THREADS=1 for per-core numbers.
 
     python bench_data.py                 # about a minute on a 2-core CPU
     python bench_data.py --n-jets 100000 --gen-jets 0
+    # streaming: a JetClass-layout folder (real split names) of >= 1M jets, made by hard-linking
+    # generated files under JetClass names (no extra disk), then the loader's figures
+    python jetgen.py --out data/jc10 --classes all --preset jetclass --jets-per-class 20000 --workers 2
+    python bench_data.py --make-folder data/jc_bench --from data/jc10 --copies 7
+    python bench_data.py --stream data/jc_bench
 """
 import argparse
+import functools
 import os
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,14 +63,108 @@ def timed(fn, n, label):
     return out
 
 
+# --- streaming ---------------------------------------------------------------------------------
+
+
+def make_folder(src, out, copies):
+    """A JetClass-layout folder (train_100M/, val_5M/, test_20M/) holding every jetgen file of
+    `src` `copies` times under JetClass names (ZJetsToNuNu_000.root ...), as hard links."""
+    out = Path(out)
+    for split, real in (("train", "train_100M"), ("val", "val_5M"), ("test", "test_20M")):
+        files = sorted((Path(src) / split).glob("*.root"))
+        (out / real).mkdir(parents=True, exist_ok=True)
+        by_class = {}
+        for f in files:
+            by_class.setdefault(f.name.rsplit("_", 1)[0], []).append(f)
+        for prefix, fs in by_class.items():
+            for c in range(copies):
+                for i, f in enumerate(fs):
+                    dst = out / real / f"{prefix}_{c * len(fs) + i:03d}.root"
+                    if not dst.exists():
+                        os.link(f, dst)
+        n = sum(common._num_entries("jetclass", f) for f in (out / real).glob("*.root"))
+        print(f"{out / real}: {len(list((out / real).glob('*.root')))} files, {n:,} jets")
+
+
+def subjets(batch):
+    """J-JEPA's per-batch work in the loader workers: C/A R=0.2, 20 x 30 subjets."""
+    sub = common.cluster_subjets(batch["p4"], batch["valid"], "ca", 0.2, 20, 30)
+    return dict(batch, idx=np.where(sub.valid, sub.idx, -1).astype(np.int16), sub_p4=sub.p4)
+
+
+def stream_rate(folder, features, workers, n, with_subjets, batch_size):
+    """Jets/s of the loader alone (batches consumed and dropped), wall and per CPU-second of the
+    main process plus its workers."""
+    import torch
+    s = common.JetStream("jetclass", "train", path=folder, features=features, batch_size=batch_size,
+                         workers=workers, transform=subjets if with_subjets else None)
+    t, c = time.perf_counter(), time.process_time()
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seen = 0
+    for batch in common.loader(s, torch.device("cpu")):
+        seen += len(batch["y"])
+        if seen >= n:
+            break
+    dt = time.perf_counter() - t
+    del batch
+    import gc
+    gc.collect()  # ends the DataLoader, so its workers are reaped and their CPU time counted
+    kids2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time() - c + (kids2.ru_utime + kids2.ru_stime - kids.ru_utime - kids.ru_stime)
+    label = f"stream '{features}'{' + subjets' if with_subjets else ''}, {workers} worker(s)"
+    print(f"{label:<60s} {seen / dt:>11,.0f} jets/s wall {seen / max(cpu, 1e-9):>11,.0f} jets/CPU-s"
+          f"   ({seen} jets, {dt:.2f} s)")
+
+
+def rss_child(folder, n_jets, steps, workers):
+    """A whole small training process on the stream: ParT-lite encoder ("small"), AdamW, `steps`
+    steps over a split capped at n_jets. Prints the peak RSS of the process and of its workers."""
+    import torch
+    torch.set_num_threads(1)
+    s = common.JetStream("jetclass", "train", path=folder, n_jets=n_jets, features="full",
+                         batch_size=256, workers=workers)
+    model = common.Encoder(common.EncoderConfig(in_dim=17, dim=64, heads=4, depth=2, cls_depth=1))
+    head = torch.nn.Linear(64, 10)
+    opt = common.configure_optimizer(torch.nn.ModuleList([model, head]), 1e-3, 0.01)
+    for step, epoch, b in common.train_batches(s, torch.device("cpu"), 1, steps=steps):
+        loss = torch.nn.functional.cross_entropy(head(model(b["x"], b["valid"], b["p4"])[2]), b["y"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"training process, split capped at {s.n:>9,} jets ({len(s)} steps/epoch), {steps} steps, "
+          f"{workers} workers: peak RSS {me:,.0f} MB (main), {kids:,.0f} MB (largest worker)")
+
+
+def bench_stream(args):
+    folder = Path(args.stream)
+    for feats, sub in (("kin", False), ("full", False), ("full", True)):
+        for workers in (1, 2):
+            stream_rate(folder, feats, workers, args.n_jets, sub, args.batch_size)
+    for n in (250_000, 1_000_000_000):  # the second: the whole folder
+        subprocess.run([sys.executable, __file__, "--rss-child", str(folder), str(n)], check=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-jets", type=int, default=20_000, help="jets for read/subjet/cache figures")
     ap.add_argument("--gen-jets", type=int, default=100, help="jets per class to generate (0: skip)")
     ap.add_argument("--batch-size", type=int, default=512, help="batch size for the cached epoch")
+    ap.add_argument("--stream", metavar="DIR", help="benchmark the streaming loader on this JetClass-layout folder")
+    ap.add_argument("--make-folder", metavar="OUT", help="build a JetClass-layout folder from --from by hard links")
+    ap.add_argument("--from", dest="src", metavar="DIR", help="a jetgen output folder (train/ val/ test/)")
+    ap.add_argument("--copies", type=int, default=7, help="times each generated file appears in --make-folder")
+    ap.add_argument("--rss-child", nargs=2, metavar=("DIR", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rss_child:
+        return rss_child(Path(args.rss_child[0]), int(args.rss_child[1]), steps=50, workers=2)
+    if args.make_folder:
+        return make_folder(args.src, args.make_folder, args.copies)
     print(f"cores: {os.cpu_count()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
           f"load average {os.getloadavg()[0]:.1f}")
+    if args.stream:
+        return bench_stream(args)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cache = tmp / "cache"
