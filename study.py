@@ -249,7 +249,7 @@ def finetune_argv(args, name, ckpt, labels, scratch):
              "--seeds", str(args.seeds), "--seed", str(args.seed), *opt("--epochs", args.finetune_epochs),
              *opt("--steps", args.steps), *opt("--batch-size", args.batch_size), *opt("--n-eval", args.n_eval),
              *opt("--workers", args.workers), "--device", args.device,
-             "--out", "OUTDIR/..", "--name", name, *shlex.split(args.finetune_args)])
+             "--out", str(Path(args.out) / "finetune" / ".tmp"), "--name", name, *shlex.split(args.finetune_args)])
 
 
 def finetune_cell(args, name, ckpt, labels, scratch):
@@ -535,8 +535,9 @@ def plot_tsne(args, rows, path):
     for row, pair in zip(axes, pairs):
         for ax, r in zip(row, pair):
             xy, y = maps[r["cell"]]
+            names = json.loads((Path(args.out) / r["cell"] / "results.json").read_text()).get("classes")
             for c in np.unique(y):
-                ax.scatter(*xy[y == c].T, s=3, alpha=0.6, label=f"class {c}")
+                ax.scatter(*xy[y == c].T, s=3, alpha=0.6, label=names[c] if names else f"class {c}")
             ax.set_title(f"{r['model']}" + ("" if r["scratch"] else f", {r['pretrain_jets']} pretraining jets")
                          + f", {label_text(labels)}", fontsize=8)
             ax.set_xticks([]), ax.set_yticks([])
