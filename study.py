@@ -105,11 +105,14 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0, help="seed of the pretraining and the first fine-tuning")
     g.add_argument("--steps", type=int, default=None,
                    help="cap every pretraining and fine-tuning at this many optimizer steps (smoke runs)")
-    g.add_argument("--pretrain-epochs", type=int, default=None, help="pretraining epochs (default: the script's)")
-    g.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: finetune.py's)")
+    g.add_argument("--pretrain-epochs", type=int, default=None,
+                   help="pretraining epochs (default: the script's)")
+    g.add_argument("--finetune-epochs", type=int, default=None,
+                   help="fine-tuning epochs (default: finetune.py's)")
     g.add_argument("--finetune-mode", choices=["finetune", "probe"], default=None,
                    help="finetune.py --mode (default: finetune; probe with --grid)")
-    g.add_argument("--batch-size", type=int, default=None, help="batch size of every run (default: each script's)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="batch size of every run (default: each script's)")
     g.add_argument("--workers", type=int, default=None, help="data-loader workers of every run")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g = p.add_argument_group("output")
@@ -174,10 +177,6 @@ def grid_variants(method, sweeps):
 # --- cells: one program run each, atomic, never redone ------------------------------------------
 
 
-def cell_done(out, kind, name, product):
-    return (Path(out) / kind / name / product).exists()
-
-
 def launch(cmd, log_path, in_process=False):
     """Run one program with stdout and stderr in log_path; True when it succeeded. cmd is
     [script.py, *argv] (run with this Python) or, for --in-process, called through ENTRY."""
@@ -205,9 +204,9 @@ def run_cell(args, kind, name, script, argv, product):
     final, tmp = Path(args.out) / kind / name, Path(args.out) / kind / ".tmp" / name
     record = [script, *argv]
     if (final / product).exists():
-        stored = json.loads((final / "cell.json").read_text())["cmd"] if (final / "cell.json").exists() else None
-        if stored is not None and stored != record:
-            raise SystemExit(f"study: cell {kind}/{name} was run with another command ({final / 'cell.json'}); "
+        stored = final / "cell.json"
+        if stored.exists() and json.loads(stored.read_text())["cmd"] != record:
+            raise SystemExit(f"study: cell {kind}/{name} was run with another command ({stored}); "
                              "use a new --out or delete that cell")
         print(f"  {kind}/{name}: done, skipped")
         return final
@@ -247,9 +246,10 @@ def finetune_argv(args, name, ckpt, labels, scratch):
              "--data", args.finetune_data, *opt("--data-dir", args.finetune_dir),
              *([] if labels == "all" else ["--n-labels", str(labels)]),
              "--seeds", str(args.seeds), "--seed", str(args.seed), *opt("--epochs", args.finetune_epochs),
-             *opt("--steps", args.steps), *opt("--batch-size", args.batch_size), *opt("--n-eval", args.n_eval),
-             *opt("--workers", args.workers), "--device", args.device,
-             "--out", str(Path(args.out) / "finetune" / ".tmp"), "--name", name, *shlex.split(args.finetune_args)])
+             *opt("--steps", args.steps), *opt("--batch-size", args.batch_size),
+             *opt("--n-eval", args.n_eval), *opt("--workers", args.workers), "--device", args.device,
+             "--out", str(Path(args.out) / "finetune" / ".tmp"), "--name", name,
+             *shlex.split(args.finetune_args)])
 
 
 def finetune_cell(args, name, ckpt, labels, scratch):
@@ -278,8 +278,9 @@ def run_study(args):
     for v in args.variants:
         arch = architecture(ckpts[v["name"], args.sizes[0]])
         if arch not in scratch:
-            taken = {s["name"] for s in scratch.values()}
-            name = f"scratch_{v['method']}" if f"scratch_{v['method']}" not in taken else f"scratch_{v['name']}"
+            name = f"scratch_{v['method']}"
+            if name in {s["name"] for s in scratch.values()}:  # a grid setting that changes the encoder
+                name = f"scratch_{v['name']}"
             scratch[arch] = dict(name=name, ckpt=ckpts[v["name"], args.sizes[0]], variants=[])
         scratch[arch]["variants"].append(v["name"])
     rows = []
@@ -361,10 +362,15 @@ def summarize(out, rows, tol):
                  stats={k: aggregate([s.get(k) for s in per_seed]) for _, k, _ in METRICS})
     for r in rows:
         if not r["scratch"]:
-            base = next(b for b in rows if b["scratch"] and b["model"] == r["baseline"]
-                        and b["labels"] == r["labels"])
+            base = scratch_of(rows, r)
             r["vs_scratch"] = {k: compare(r["stats"][k], base["stats"][k], hi) for _, k, hi in METRICS}
     return rows
+
+
+def scratch_of(rows, row):
+    """The scratch row a pretrained row is compared with: its architecture, its label count."""
+    return next(b for b in rows
+                if b["scratch"] and b["model"] == row["baseline"] and b["labels"] == row["labels"])
 
 
 # --- report: study.md, PNGs ----------------------------------------------------------------------
@@ -386,11 +392,12 @@ def write_markdown(args, rows, path):
     mark = {1: " ▲", -1: " ▼", 0: ""}
     n_seeds = args.seeds
     lines = [f"# Pretraining study: {args.pretrain_data} -> {args.finetune_data}", "",
-             f"Pretrained on {args.pretrain_data} ({args.pretrain_dir or 'default folder'}), fine-tuned "
-             f"(`--mode {args.finetune_mode}`) on {args.finetune_data} ({args.finetune_dir or 'default folder'}); "
-             f"mean ± sample std over {n_seeds} seed(s). Scratch = the same architecture from random weights "
-             "(one row per architecture). ▲ / ▼: better / worse than that scratch row by more than 2 sigma "
-             "of the difference of the means (sigma² = s₁²/n₁ + s₂²/n₂). Epochs to converge: first "
+             f"Pretrained on {args.pretrain_data} ({args.pretrain_dir or 'default folder'}), "
+             f"fine-tuned (`--mode {args.finetune_mode}`) on {args.finetune_data} "
+             f"({args.finetune_dir or 'default folder'}); mean ± sample std over {n_seeds} seed(s). "
+             "Scratch = the same architecture from random weights (one row per architecture). "
+             "▲ / ▼: better / worse than that scratch row by more than 2 sigma of the difference of "
+             "the means (sigma² = s₁²/n₁ + s₂²/n₂). Epochs to converge: first "
              f"validation within {100 * args.converge_tol:g}% of the final validation accuracy (fewer is "
              "better; - when finetune.py recorded no history).", ""]
     for labels in args.label_counts:
@@ -400,8 +407,10 @@ def write_markdown(args, rows, path):
                   "| model | pretraining jets | " + " | ".join(m for m, _, _ in METRICS) + " |",
                   "|---|---:|" + "---:|" * len(METRICS)]
         for r in sub:
-            cells = [fmt(r["stats"][k], k) + ("" if r["scratch"] else mark[r["vs_scratch"][k]]) for _, k, _ in METRICS]
-            lines.append(f"| {r['model']} | {'-' if r['scratch'] else r['pretrain_jets']} | " + " | ".join(cells) + " |")
+            cells = [fmt(r["stats"][k], k) + ("" if r["scratch"] else mark[r["vs_scratch"][k]])
+                     for _, k, _ in METRICS]
+            size = "-" if r["scratch"] else r["pretrain_jets"]
+            lines.append(f"| {r['model']} | {size} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Where pretraining beats scratch, and where it does not", ""]
     pre = [r for r in rows if not r["scratch"]]
@@ -431,7 +440,8 @@ def grid_matrix(args, rows):
     for labels in args.label_counts:
         acc = {(r["setting"][f1], r["setting"][f2]): r["stats"]["acc"]["mean"] for r in rows
                if not r["scratch"] and r["labels"] == labels and r["pretrain_jets"] == args.sizes[-1]}
-        lines += [f"## Accuracy, {label_text(labels)}, {args.sizes[-1]} pretraining jets: rows {f1}, columns {f2}",
+        lines += [f"## Accuracy, {label_text(labels)}, {args.sizes[-1]} pretraining jets: "
+                  f"rows {f1}, columns {f2}",
                   "", f"| {f1} | " + " | ".join(v2) + " |", "|---|" + "---:|" * len(v2)]
         lines += [f"| {a} | " + " | ".join(f"{acc[a, b]:.4f}" if (a, b) in acc else "-" for b in v2) + " |"
                   for a in v1]
@@ -483,9 +493,10 @@ def plot_sizes(args, rows, path):
     for row, labels in zip(axes, args.label_counts):
         for i, model in enumerate(pre):
             sub = [r for r in rows if r["model"] == model and r["labels"] == labels]
-            base = next(r for r in rows if r["scratch"] and r["model"] == sub[0]["baseline"] and r["labels"] == labels)
+            base = scratch_of(rows, sub[0])
             for ax, key in zip(row, ("rej50", "epochs")):
-                band(ax, [r["pretrain_jets"] for r in sub], [r["stats"] for r in sub], key, label=model, color=f"C{i}")
+                band(ax, [r["pretrain_jets"] for r in sub], [r["stats"] for r in sub], key, label=model,
+                     color=f"C{i}")
                 if math.isfinite(base["stats"][key]["mean"]):
                     ax.axhline(base["stats"][key]["mean"], color=f"C{i}", ls=":", lw=1)
         row[0].set(xscale="log", ylabel="1/eps_B at eps_S = 0.5", title=label_text(labels))
@@ -526,9 +537,9 @@ def plot_tsne(args, rows, path):
     pairs = []
     for r in rows:
         if not r["scratch"] and r["labels"] == labels and r["pretrain_jets"] == args.sizes[-1]:
-            base = next(b for b in rows if b["scratch"] and b["model"] == r["baseline"] and b["labels"] == labels)
-            pairs.append((base, r))
-    maps = {r["cell"]: tsne_map(args.out, r["cell"], args.tsne_jets, args.seed) for pair in pairs for r in pair}
+            pairs.append((scratch_of(rows, r), r))
+    maps = {r["cell"]: tsne_map(args.out, r["cell"], args.tsne_jets, args.seed)
+            for pair in pairs for r in pair}
     if not pairs or any(m is None for m in maps.values()):
         return False
     fig, axes = plt.subplots(len(pairs), 2, figsize=(8, 3.8 * len(pairs)), squeeze=False)
@@ -538,8 +549,8 @@ def plot_tsne(args, rows, path):
             names = json.loads((Path(args.out) / r["cell"] / "results.json").read_text()).get("classes")
             for c in np.unique(y):
                 ax.scatter(*xy[y == c].T, s=3, alpha=0.6, label=names[c] if names else f"class {c}")
-            ax.set_title(f"{r['model']}" + ("" if r["scratch"] else f", {r['pretrain_jets']} pretraining jets")
-                         + f", {label_text(labels)}", fontsize=8)
+            size = "" if r["scratch"] else f", {r['pretrain_jets']} pretraining jets"
+            ax.set_title(f"{r['model']}{size}, {label_text(labels)}", fontsize=8)
             ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].legend(fontsize=7, markerscale=3)
     fig.tight_layout()
@@ -573,8 +584,8 @@ def main(args):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     n_pre = len(args.variants) * len(args.sizes)
     print(f"study: {len(args.variants)} model(s) x {len(args.sizes)} size(s) = {n_pre} pretraining runs, "
-          f"then {len(args.label_counts)} label count(s) x {args.seeds} seed(s) of fine-tuning; out {args.out}, "
-          f"git {common.git_hash()}")
+          f"then {len(args.label_counts)} label count(s) x {args.seeds} seed(s) of fine-tuning; "
+          f"out {args.out}, git {common.git_hash()}")
     rows = run_study(args)
     return report(args, rows)
 

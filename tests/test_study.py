@@ -105,8 +105,9 @@ def fake_launch(calls, fail_at=None):
         history = [[dict(epoch=e, step=e + 1, val_acc=a) for e, a in enumerate([0.5, 0.695, 0.7])]
                    for _ in range(seeds)]
         n_train = int(argv.get("--n-labels", 1000))
-        (out / "results.json").write_text(json.dumps(dict(per_seed=per_seed, history=history, n_train=n_train,
-                                                          n_test=50, seeds=list(range(seed0, seed0 + seeds)))))
+        results = dict(per_seed=per_seed, history=history, n_train=n_train, n_test=50, classes=["QCD", "top"],
+                       seeds=list(range(seed0, seed0 + seeds)))
+        (out / "results.json").write_text(json.dumps(results))
         rng = np.random.default_rng(0)
         y = rng.integers(0, 2, 40)
         np.savez(out / "test_repr.npz", z=rng.normal(size=(40, 4)) + 3 * y[:, None], y=y)
@@ -116,8 +117,9 @@ def fake_launch(calls, fail_at=None):
 
 
 def fake_args(out, *extra):
-    return study.get_args(["--methods", "jetclr,mpm", "--pretrain-data", "pythia", "--finetune-data", "pythia",
-                           "--pretrain-jets", "100,200", "--labels", "10,all", "--seeds", "3", "--steps", "2",
+    return study.get_args(["--methods", "jetclr,mpm", "--pretrain-data", "pythia",
+                           "--finetune-data", "pythia", "--pretrain-jets", "100,200", "--labels", "10,all",
+                           "--seeds", "3", "--steps", "2",
                            "--device", "cpu", "--out", str(out), "--tsne-jets", "30", *extra])
 
 
@@ -130,7 +132,8 @@ def test_study_report_on_fake_runs(tmp_path, monkeypatch):
     assert len(res["rows"]) == 12 and {r["labels"] for r in res["rows"]} == {10, "all"}
     saved = json.loads((tmp_path / "study.json").read_text())
     assert len(saved["rows"]) == 12
-    row = next(r for r in saved["rows"] if r["model"] == "jetclr" and r["pretrain_jets"] == 200 and r["labels"] == 10)
+    row = next(r for r in saved["rows"]
+               if r["model"] == "jetclr" and r["pretrain_jets"] == 200 and r["labels"] == 10)
     assert row["stats"]["acc"]["mean"] == pytest.approx(0.801) and row["stats"]["epochs"]["mean"] == 2
     assert row["vs_scratch"]["acc"] == 1 and row["vs_scratch"]["epochs"] == 0
     assert all(r["vs_scratch"]["acc"] == 0 for r in saved["rows"] if r["model"] == "mpm")
