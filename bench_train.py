@@ -10,18 +10,40 @@ Untimed warm-up steps first (compilation), then timed steps between cuda synchro
 
 GPU:  python bench_train.py                       (bf16 autocast, batch 512, eager + compiled)
 CPU:  python bench_train.py --device cpu --batch-size 16 --steps 3      (fp32, eager only)
+
+--method M times one method's own training loop instead (jjepa, jetclr, mpm, diffmae: the
+script's train() on real jets, in this process). Global hooks on every module's forward and every
+optimizer step split each step into "data" (from the end of the previous optimizer step to the
+model's first forward call: batch, masks, augmentations, noise; for jjepa also the EMA update of
+the previous step) and "step" (forward, backward, clipping, optimizer step). It replaces the
+per-phase timers and --bench / --profile flags that used to live in the method scripts:
+  python bench_train.py --method jetclr --data-dir data/pythia10 --device cpu --batch-size 64 \
+      --steps 5 --method-args "--dim 32 --depth 2"
+  python bench_train.py --method diffmae --data jetclass --batch-size 512 --steps 50 \
+      --method-args "--preset 8m --attn expand --compile"
 """
 import argparse
+import contextlib
 import dataclasses
+import io
+import shlex
+import tempfile
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.module import register_module_forward_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import common
+import diffmae
+import jetclr
+import jjepa
+import mpm
 
 N_CLASSES = 10
+METHODS = {"jjepa": jjepa, "jetclr": jetclr, "mpm": mpm, "diffmae": diffmae}
 
 
 def get_args(argv=None):
@@ -39,6 +61,13 @@ def get_args(argv=None):
                    help="also time torch.compile'd models (default: on with CUDA, off on CPU)")
     p.add_argument("--no-weaver", action="store_true", help="skip weaver even when it is installed")
     p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("--method: one method's training loop on real jets")
+    g.add_argument("--method", choices=list(METHODS), default=None,
+                   help="time this method script's train() (data vs step) instead of the synthetic Encoder")
+    g.add_argument("--data", choices=["pythia", "jetclass", "toptagging"], default="pythia")
+    g.add_argument("--data-dir", default=None, help="data folder (default: data/<data>)")
+    g.add_argument("--n-eval", type=int, default=256, help="validation/test jets of the run's final evaluation")
+    g.add_argument("--method-args", default="", help='extra flags for the method script, e.g. "--dim 32"')
     return p.parse_args(argv)
 
 
@@ -163,5 +192,77 @@ def main(args):
     return rows
 
 
+# --- one method's own training loop --------------------------------------------------------------
+class StepClock:
+    """Timestamps from global hooks: the first module forward after each optimizer step (the
+    step's compute begins) and the end of each optimizer step (wall and process CPU time)."""
+
+    def __init__(self, sync):
+        self.sync, self.starts, self.ends, self.cpu, self.waiting = sync, [], [], [], True
+
+    def forward_pre(self, module, inputs):
+        if self.waiting:
+            self.sync()
+            self.starts.append(time.perf_counter())
+            self.waiting = False
+
+    def step_post(self, optimizer, args, kwargs):
+        self.sync()
+        self.ends.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        self.waiting = True
+
+
+def bench_method(args):
+    """Run the method's train() for warm-up + timed steps (one epoch of exactly that many batches,
+    evaluation only at its end) and split the timed steps into data and step time."""
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    n_steps = args.warmup + args.steps + 1   # + 1: the last step is followed by the final evaluation
+    module = METHODS[args.method]
+    with tempfile.TemporaryDirectory() as out:
+        argv = ["--data", args.data, *(["--data-dir", args.data_dir] if args.data_dir else []),
+                "--n-jets", str(n_steps * args.batch_size), "--epochs", "1", "--batch-size", str(args.batch_size),
+                "--n-eval", str(args.n_eval), "--eval-every", str(10 ** 9), "--device", args.device,
+                "--seed", str(args.seed), "--out", out, *shlex.split(args.method_args)]
+        run_args = module.get_args(argv)
+        clock = StepClock(torch.cuda.synchronize if cuda else (lambda: None))
+        hooks = [register_module_forward_pre_hook(clock.forward_pre),
+                 register_optimizer_step_post_hook(clock.step_post)]
+        log = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(log):
+                module.train(run_args)
+        except BaseException:
+            print(log.getvalue()[-3000:])
+            raise
+        finally:
+            for h in hooks:
+                h.remove()
+    # step i's data time: previous step's end -> its first forward; step time: -> its end
+    timed = range(args.warmup, min(args.warmup + args.steps, len(clock.ends) - 1))
+    if args.warmup < 1 or len(timed) == 0:
+        raise SystemExit(f"bench_train: {len(clock.ends)} optimizer steps ran; need --warmup >= 1 and "
+                         f"more jets (--n-jets is set to {n_steps * args.batch_size})")
+    data = sum(clock.starts[i] - clock.ends[i - 1] for i in timed)
+    step = sum(clock.ends[i] - clock.starts[i] for i in timed)
+    cpu = clock.cpu[timed[-1]] - clock.cpu[timed[0] - 1]
+    jets = len(timed) * args.batch_size
+    name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{args.method} {args.method_args!r} | {name} | batch {args.batch_size} | {args.warmup} warm-up + "
+          f"{len(timed)} timed steps")
+    print(f"  {jets / (data + step):,.0f} jets/s; {jets / max(cpu, 1e-9):,.0f} jets per CPU-second "
+          f"(this process{'; loader workers not counted' if '--workers' in args.method_args else ''})")
+    print(f"  per step: data {1e3 * data / len(timed):.1f} ms ({100 * data / (data + step):.0f}%), "
+          f"step {1e3 * step / len(timed):.1f} ms ({100 * step / (data + step):.0f}%)")
+    return dict(jets_per_s=jets / (data + step), jets_per_cpu_s=jets / max(cpu, 1e-9),
+                data_ms=1e3 * data / len(timed), step_ms=1e3 * step / len(timed))
+
+
 if __name__ == "__main__":
-    main(get_args())
+    a = get_args()
+    if a.method:
+        a.batch_size, a.steps = a.batch_size or 64, a.steps or 5
+        a.warmup = 2 if a.warmup is None else a.warmup
+        bench_method(a)
+    else:
+        main(a)

@@ -1,0 +1,243 @@
+"""study.py: the measures (convergence, mean +- std, 2 sigma), resume without redoing a finished
+cell, a failing cell's one-line error, and a tiny real study end to end.
+
+Most tests replace study.launch by a fake program that writes what the scripts write (a
+checkpoint, finetune.py's results.json with history and test_repr.npz) in milliseconds; the
+last test runs the real scripts in-process and needs the interfaces of issues 11 and 13."""
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import finetune
+import jetclr
+import mpm
+import study
+
+TINY_MODELS = ['jetclr=--dim 16 --depth 1 --cls-depth 1 --heads 2',
+               'mpm=--k 16 --dim 16 --depth 1 --heads 2 --dec-dim 16 --dec-depth 1 --dec-heads 2']
+
+
+# --- the measures --------------------------------------------------------------------------------
+
+
+def test_converge_epochs():
+    hist = [dict(epoch=e, step=10 * (e + 1), val_acc=a) for e, a in enumerate([0.5, 0.8, 0.89, 0.9, 0.9])]
+    assert study.converge_epochs(hist, tol=0.01) == 4   # 0.89 < 0.99 * 0.9 = 0.891
+    assert study.converge_epochs(hist, tol=0.02) == 3   # 0.89 >= 0.882
+    # an overshoot counts as having come within 1%: the final value is reached from above too
+    over = [dict(epoch=e, step=e, val_acc=a) for e, a in enumerate([0.6, 0.95, 0.9])]
+    assert study.converge_epochs(over) == 2
+    assert study.converge_epochs([]) is None and study.converge_epochs(None) is None
+
+
+def test_aggregate():
+    s = study.aggregate([0.8, 0.9, 1.0])
+    assert s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1) and s["n"] == 3  # ddof=1
+    one = study.aggregate([0.7])
+    assert one["mean"] == 0.7 and math.isnan(one["std"]) and one["n"] == 1
+    inf = study.aggregate([2.0, math.inf])
+    assert inf["mean"] == math.inf and math.isnan(inf["std"])
+    assert study.aggregate([None, 3.0, None])["n"] == 1  # a seed without history is left out
+    assert study.aggregate([None, None])["n"] == 0
+
+
+def test_compare_two_sigma():
+    b = dict(mean=0.80, std=0.01, n=4)
+    sigma = math.sqrt(2 * 0.01 ** 2 / 4)
+    assert study.compare(dict(mean=0.80 + 2.1 * sigma, std=0.01, n=4), b) == 1
+    assert study.compare(dict(mean=0.80 + 1.9 * sigma, std=0.01, n=4), b) == 0
+    assert study.compare(dict(mean=0.80 - 2.1 * sigma, std=0.01, n=4), b) == -1
+    # fewer epochs is better
+    assert study.compare(dict(mean=0.80 - 2.1 * sigma, std=0.01, n=4), b, higher_is_better=False) == 1
+    # one seed (no std) or an infinite rejection: nothing can be claimed
+    assert study.compare(dict(mean=0.99, std=math.nan, n=1), b) == 0
+    assert study.compare(dict(mean=math.inf, std=math.nan, n=3), b) == 0
+
+
+def test_history_from_log_jsonl(tmp_path):
+    """Before finetune.py writes `history`, the per-validation records of its log.jsonl serve."""
+    (tmp_path / "results.json").write_text(json.dumps(dict(per_seed=[{}, {}])))
+    recs = [dict(seed=s, step=e + 1, epoch=e, val=dict(acc=a, auc=0.5)) for s in (3, 4)
+            for e, a in enumerate([0.5, (0.7, 0.8)[s - 3]])]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
+    hist = study.load_history(tmp_path)
+    assert [[h["val_acc"] for h in seed] for seed in hist] == [[0.5, 0.7], [0.5, 0.8]]
+
+
+def test_grid_variants():
+    v = study.grid_variants("diffmae", study.DEFAULT_SWEEPS["diffmae"])
+    settings = [(x["setting"]["mask-ratio"], x["setting"]["pred-ratio"]) for x in v]
+    assert ("0.125", "0.25") not in settings and ("0.25", "0.25") in settings  # pred > mask skipped
+    assert len(v) == 4 + (0 + 1 + 2 + 3 + 4 - 0)  # 1tok for each mask, then pred <= mask
+    assert v[0]["flags"] == ["--mask-ratio", "0.125", "--pred-ratio", "1tok"]
+    with pytest.raises(SystemExit):
+        study.grid_variants("jetclr", ["temperature"])
+
+
+# --- the study on a fake program: resume, report -------------------------------------------------
+
+
+def fake_launch(calls, fail_at=None):
+    """A stand-in for study.launch: writes a method script's checkpoint, or finetune.py's
+    results.json (pretrained jetclr: clearly better than scratch; mpm: the same) with history
+    and test_repr.npz. fail_at=k: the k-th call leaves a partial folder and fails."""
+
+    def launch(cmd, log_path, in_process=False):
+        calls.append(cmd)
+        log_path.write_text("fake\n")
+        if fail_at is not None and len(calls) == fail_at:
+            (log_path.parent / "partial").write_text("x")
+            return False
+        argv = dict(zip(cmd[1::], cmd[2::]))
+        script = cmd[0].rsplit("/", 1)[-1][:-3]
+        if script != "finetune":
+            torch.save(dict(method=script, encoder_config=dict(dim=8)), f"{argv['--out']}/{script}.pt")
+            return True
+        out = log_path.parent
+        ckpt, seeds, seed0 = argv["--ckpt"], int(argv["--seeds"]), int(argv["--seed"])
+        gain = 0.0 if "--scratch" in cmd or "mpm" in ckpt else 0.1
+        per_seed = [dict(acc=0.7 + gain + 0.001 * k, auc=0.8 + gain + 0.001 * k, rej50=10 + 100 * gain + k,
+                         rej30=30 + 100 * gain + k) for k in range(seeds)]
+        history = [[dict(epoch=e, step=e + 1, val_acc=a) for e, a in enumerate([0.5, 0.695, 0.7])]
+                   for _ in range(seeds)]
+        n_train = int(argv.get("--n-labels", 1000))
+        results = dict(per_seed=per_seed, history=history, n_train=n_train, n_test=50, classes=["QCD", "top"],
+                       seeds=list(range(seed0, seed0 + seeds)))
+        (out / "results.json").write_text(json.dumps(results))
+        rng = np.random.default_rng(0)
+        y = rng.integers(0, 2, 40)
+        np.savez(out / "test_repr.npz", z=rng.normal(size=(40, 4)) + 3 * y[:, None], y=y)
+        return True
+
+    return launch
+
+
+def fake_args(out, *extra):
+    return study.get_args(["--methods", "jetclr,mpm", "--pretrain-data", "pythia",
+                           "--finetune-data", "pythia", "--pretrain-jets", "100,200", "--labels", "10,all",
+                           "--seeds", "3", "--steps", "2",
+                           "--device", "cpu", "--out", str(out), "--tsne-jets", "30", *extra])
+
+
+def test_study_report_on_fake_runs(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "launch", fake_launch(calls))
+    res = study.main(fake_args(tmp_path))
+    # 2 methods x 2 sizes pretrainings; (2 scratch + 4 pretrained) x 2 label counts fine-tunings
+    assert len(calls) == 4 + 12
+    assert len(res["rows"]) == 12 and {r["labels"] for r in res["rows"]} == {10, "all"}
+    saved = json.loads((tmp_path / "study.json").read_text())
+    assert len(saved["rows"]) == 12
+    row = next(r for r in saved["rows"]
+               if r["model"] == "jetclr" and r["pretrain_jets"] == 200 and r["labels"] == 10)
+    assert row["stats"]["acc"]["mean"] == pytest.approx(0.801) and row["stats"]["epochs"]["mean"] == 2
+    assert row["vs_scratch"]["acc"] == 1 and row["vs_scratch"]["epochs"] == 0
+    assert all(r["vs_scratch"]["acc"] == 0 for r in saved["rows"] if r["model"] == "mpm")
+    md = (tmp_path / "study.md").read_text()
+    assert md.count("| model | pretraining jets |") == 2
+    table = md.split("## 10 labels")[1].split("##")[0]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ") and "model" not in ln]
+    assert lines[0].startswith("| scratch_jetclr") and lines[1].startswith("| scratch_mpm")  # scratch first
+    assert "0.8010 ± 0.0010 ▲" in table and "▼" not in table
+    assert "no metric differs from scratch beyond 2 sigma: mpm n=100 at 10 labels" in md
+    for png in ("labels.png", "pretrain_size.png", "tsne.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    # the cells run the scripts with the study's flags; pass-through flags come last
+    pre = next(c for c in calls if c[0].endswith("mpm.py"))
+    assert pre[pre.index("--n-jets") + 1] == "100" and pre[pre.index("--steps") + 1] == "2"
+    ft = next(c for c in calls if c[0].endswith("finetune.py") and "--n-labels" not in c)
+    assert "--scratch" in ft and ft[ft.index("--mode") + 1] == "finetune"
+
+
+def test_interrupted_study_resumes(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "launch", fake_launch(calls, fail_at=7))  # the 3rd fine-tuning fails
+    with pytest.raises(SystemExit, match=r"cell finetune/\S+ failed; see .*log\.txt"):
+        study.main(fake_args(tmp_path))
+    failed = calls[6]
+    partial = next((tmp_path / "finetune" / ".tmp").iterdir())
+    assert (partial / "partial").exists() and not (tmp_path / "study.json").exists()
+    done = sorted(p for p in (tmp_path / "finetune").iterdir() if p.name != ".tmp")
+    assert len(done) == 2
+    mtimes = {p: (p / "results.json").stat().st_mtime_ns for p in done}
+    # the rerun: the 4 pretrainings and 2 fine-tunings are skipped; the failed cell is redone
+    # from a clean folder, then the rest
+    calls2 = []
+    monkeypatch.setattr(study, "launch", fake_launch(calls2))
+    study.main(fake_args(tmp_path))
+    assert len(calls2) == 16 - 6 and calls2[0] == failed
+    assert not (tmp_path / "finetune" / partial.name / "partial").exists()
+    assert all((p / "results.json").stat().st_mtime_ns == t for p, t in mtimes.items())
+    # a third run launches nothing; another command for an existing cell is refused
+    calls3 = []
+    monkeypatch.setattr(study, "launch", fake_launch(calls3))
+    study.main(fake_args(tmp_path))
+    assert calls3 == []
+    with pytest.raises(SystemExit, match="was run with another command"):
+        study.main(fake_args(tmp_path, "--batch-size", "32"))
+
+
+def test_failing_subprocess_names_cell_and_log(tmp_path):
+    """The real launcher: a program's output goes to the cell's log; a non-zero exit stops the
+    study with one line naming the cell and the log."""
+    script = tmp_path / "broken.py"
+    script.write_text("import sys\nprint('about to fail')\nsys.exit(3)\n")
+    args = fake_args(tmp_path / "out")
+    with pytest.raises(SystemExit) as e:
+        study.run_cell(args, "pretrain", "broken_n1", str(script), ["--out", "OUTDIR"], "broken.pt")
+    log = tmp_path / "out" / "pretrain" / ".tmp" / "broken_n1" / "log.txt"
+    assert str(e.value) == f"study: cell pretrain/broken_n1 failed; see {log}"
+    assert "about to fail" in log.read_text()
+    ok = tmp_path / "ok.py"
+    ok.write_text("import sys, pathlib\npathlib.Path(sys.argv[2], 'ok.pt').write_text('x')\n")
+    cell = study.run_cell(args, "pretrain", "ok_n1", str(ok), ["--out", "OUTDIR"], "ok.pt")
+    assert (cell / "ok.pt").exists() and not (cell.parent / ".tmp" / "ok_n1").exists()
+
+
+# --- the real scripts, tiny ---------------------------------------------------------------------
+
+
+def _accepts_steps(get_args, argv):
+    try:
+        get_args([*argv, "--steps", "1"])
+        return True
+    except SystemExit:
+        return False
+
+
+NEEDS = [name for name, get_args, argv in (("jetclr.py", jetclr.get_args, []), ("mpm.py", mpm.get_args, []),
+                                            ("finetune.py", finetune.get_args, ["--scratch"]))
+         if not _accepts_steps(get_args, argv)]
+
+
+@pytest.mark.skipif(bool(NEEDS), reason=f"needs --steps in {', '.join(NEEDS)} (issue 11), and finetune.py's "
+                                        "results.json `history` + test_repr.npz (issue 13)")
+def test_tiny_study_end_to_end(tiny_pythia10, tiny_pythia, tmp_path, capsys):
+    """2 methods x 2 sizes x 2 label counts x 2 seeds with the real scripts (in-process: no torch
+    import per cell). Needs --steps everywhere, and from finetune.py `history` and test_repr.npz."""
+    argv = ["--methods", "jetclr,mpm", "--pretrain-data", "pythia", "--pretrain-dir", str(tiny_pythia10),
+            "--finetune-data", "pythia", "--finetune-dir", str(tiny_pythia), "--pretrain-jets", "32,64",
+            "--labels", "20,all", "--seeds", "2", "--steps", "3", "--batch-size", "16", "--n-eval", "10",
+            "--device", "cpu", "--in-process", "--out", str(tmp_path)]
+    argv += [x for m in TINY_MODELS for x in ("--method-args", m)]
+    res = study.main(study.get_args(argv))
+    assert len(res["rows"]) == (2 + 4) * 2
+    for r in res["rows"]:
+        assert len(r["per_seed"]) == 2 and np.isfinite(r["stats"]["acc"]["mean"])
+        assert len(r["history"]) == 2 and r["stats"]["epochs"]["n"] == 2  # convergence from history
+    assert {r["pretrain_jets"] for r in res["rows"]} == {0, 32, 64}
+    md = (tmp_path / "study.md").read_text()
+    assert "## 20 labels" in md and "## all labels" in md
+    for png in ("labels.png", "pretrain_size.png", "tsne.png"):
+        assert (tmp_path / png).exists(), png
+    capsys.readouterr()
+    study.main(study.get_args(argv))  # resume: everything is done
+    assert capsys.readouterr().out.count("done, skipped") == 4 + 12
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
