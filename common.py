@@ -117,10 +117,10 @@ class Chunk:
         return Chunk(self.x[flat], self.p4[flat], n, {k: v[idx] for k, v in self.per_jet.items()})
 
     @staticmethod
-    def join(a, b):
-        return Chunk(np.concatenate([a.x, b.x]), np.concatenate([a.p4, b.p4]),
-                     np.concatenate([a.n, b.n]),
-                     {k: np.concatenate([v, b.per_jet[k]]) for k, v in a.per_jet.items()})
+    def join(chunks):
+        cat = lambda get: np.concatenate([get(c) for c in chunks])  # noqa: E731
+        return Chunk(cat(lambda c: c.x), cat(lambda c: c.p4), cat(lambda c: c.n),
+                     {k: cat(lambda c: c.per_jet[k]) for k in chunks[0].per_jet})
 
     def pad(self, length):
         """dict of padded arrays: x (N, length, F), p4 (N, length, 4), valid (N, length), and
@@ -682,38 +682,42 @@ class JetStream(torch.utils.data.IterableDataset):
         hi = self.rank * self.jets_per_rank + min(first + n_mine * self.batch_size, self.jets_per_rank)
         rng = np.random.default_rng(seed_of(self.seed, "buffer", self.epoch, self.rank, w))
         drops = {"constituents": 0, "jets": 0}
-        buf, made, B = None, 0, self.batch_size
+        B, made = self.batch_size, 0
+        keep = self.buffer // 2 if self.shuffle else 0   # jets left in the buffer after a draw
 
-        def draw(c, lo, hi):
+        def draw(buf, final=False):
+            """Batches drawn at random from buf; returns (batches, what stays in the buffer)."""
             nonlocal made
-            made += 1
-            if made > skip:  # skipped batches (resume) are read and shuffled, never padded
-                return self._collate(c.take(np.arange(lo, hi)))
-
-        for chunk in self._reads(self.units(self.epoch), lo, hi, drops):
-            buf = chunk if buf is None else Chunk.join(buf, chunk)
-            if len(buf) < self.buffer + B:
-                continue
-            if self.shuffle:
-                buf = buf.take(rng.permutation(len(buf)))
-            k = (len(buf) - self.buffer) // B * B  # draw batches, keep `buffer` jets to mix
+            idx = rng.permutation(len(buf)) if self.shuffle else np.arange(len(buf))
+            k = len(buf) if final else (len(buf) - keep) // B * B
+            out = []
             for a in range(0, k, B):
-                if (batch := draw(buf, a, a + B)) is not None:
-                    yield batch
-            buf = buf.take(np.arange(k, len(buf)))
-        if buf is not None and self.shuffle:
-            buf = buf.take(rng.permutation(len(buf)))
-        for a in range(0, len(buf) if buf is not None else 0, B):
-            if a + B <= len(buf) or not self.drop_last:
-                if (batch := draw(buf, a, min(a + B, len(buf)))) is not None:
-                    yield batch
+                if a + B > k and self.drop_last:
+                    break
+                made += 1
+                if made > skip:  # skipped batches (resume) are read and drawn, never padded
+                    out.append(self._collate(buf.take(idx[a:a + B])))
+            return out, buf.take(idx[k:])
+
+        buf, pending, size = [], [], 0
+        for chunk in self._reads(self.units(self.epoch), lo, hi, drops):
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= keep + B and size >= self.buffer:  # full: one concatenation per draw
+                batches, rest = draw(Chunk.join(buf + pending))
+                yield from batches
+                buf, pending, size = [rest], [], len(rest)
+        if size:
+            batches, rest = draw(Chunk.join(buf + pending), final=True)
+            yield from batches
         if drops["constituents"] or drops["jets"]:
             _warn_drops(drops, f"{self.source} (rank {self.rank}, worker {w})")
         # a reader that dropped jets (NaN, empty) leaves this worker short: repeat jets it has
         # read, so that every rank still takes the same number of steps (DDP would hang)
-        while self.drop_last and made < n_mine and buf is not None and len(buf):
-            if (batch := draw(buf.take(rng.integers(0, len(buf), B)), 0, B)) is not None:
-                yield batch
+        last = Chunk.join(buf + pending) if size else None
+        while self.drop_last and made < n_mine and last is not None:
+            batches, _ = draw(last.take(rng.integers(0, len(last), B)), final=True)
+            yield from batches
 
     def _collate(self, c):
         longest = max(1, math.ceil(int(c.n.max()) / 16)) * 16
