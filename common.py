@@ -23,6 +23,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -146,18 +147,42 @@ def particle_features(p4, valid, jet, deta, dphi, extra=None, features="kin"):
     return x
 
 
-def assemble(parts, counts, jet, y, n_max, features, drops):
+MAX_ENERGY = 1e5     # GeV (100 TeV): beyond any collider jet; 1e20 squared overflows fp32
+BAD_FRACTION = 0.1   # a file with more bad constituents than this is rejected, not cleaned
+
+
+def physical_mask(px, py, pz, energy):
+    """True for a physical constituent: |p| and E at most MAX_ENERGY, E >= 0 and E >= |p|
+    (mass^2 >= 0) up to float32 rounding (massless particles have E == |p|; relative 1e-3 plus
+    1e-4 GeV absolute). Computed in float64, so huge inputs neither overflow nor warn."""
+    px, py, pz, e = (np.asarray(v, dtype=np.float64) for v in (px, py, pz, energy))
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.sqrt(px * px + py * py + pz * pz)
+        return (p <= MAX_ENERGY) & (e <= MAX_ENERGY) & (e >= 0) & (e + 1e-3 * p + 1e-4 >= p)
+
+
+def assemble(parts, counts, jet, y, n_max, features, drops, where="input"):
     """The one place where every reader's output becomes `Jets`.
     parts: dict of flat per-particle arrays, jet by jet (part_px, part_py, part_pz,
     part_energy, part_deta, part_dphi, optional extras), counts (N,), jet (N, 4), y (N,).
-    Drops non-finite constituents and then empty jets, counting both in `drops`; sorts each
-    jet's constituents by pT (descending), keeps the first n_max and pads."""
+    Drops non-finite and unphysical constituents (physical_mask) and then empty jets, counting
+    both in `drops`; stops when more than BAD_FRACTION of the constituents of `where` (the file
+    and entries read) are bad. Sorts each jet's constituents by pT (descending), keeps the first
+    n_max and pads."""
     counts = np.asarray(counts, dtype=np.int64)
     row = np.repeat(np.arange(len(counts)), counts)
     finite = np.ones(len(row), dtype=bool)
     for v in parts.values():
         finite &= np.isfinite(v)
-    drops["constituents"] += int((~finite).sum())
+    physical = physical_mask(*(parts[k] for k in ("part_px", "part_py", "part_pz", "part_energy")))
+    drops["unphysical"] = drops.get("unphysical", 0) + int((finite & ~physical).sum())
+    finite &= physical
+    n_bad = int((~finite).sum())
+    if n_bad > BAD_FRACTION * len(row):
+        raise SystemExit(f"{where}: {n_bad} of {len(row)} constituents are NaN/inf or unphysical "
+                         f"(|p| or E above {MAX_ENERGY:g} GeV, E < 0 or E < |p|); the file is "
+                         "corrupt or not in GeV")
+    drops["constituents"] += n_bad
     if not finite.all():
         parts = {k: v[finite] for k, v in parts.items()}
         row = row[finite]
@@ -246,13 +271,38 @@ def read_root(path, start, stop, n_max, features, drops, step=50_000):
             raise SystemExit(f"{path}: cannot read entries {a}-{min(a + step, stop)} "
                              f"({type(e).__name__}: {e}); the file may be truncated or corrupt")
         col = lambda b: arr["part", b[5:]] if nested and b.startswith("part_") else arr[b]  # noqa: E731
-        counts = ak.to_numpy(ak.num(col("part_px")))
-        parts = {b: ak.to_numpy(ak.flatten(col(b))).astype(np.float32)
-                 for b in branches if b.startswith("part_")}
+        where = f"{path} (entries {a}-{min(a + step, stop)})"
+        counts, parts = None, {}
+        for b in (b for b in branches if b.startswith("part_")):
+            v = col(b)
+            if v.ndim != 2 or v.layout.purelist_depth != 2:
+                raise SystemExit(f"{path}: branch '{b}' has type {v.type.content}, expected a "
+                                 "variable-length list of numbers per jet (the JetClass layout)")
+            n = ak.to_numpy(ak.num(v))
+            if counts is None:
+                counts = n
+            elif (n != counts).any():
+                raise SystemExit(f"{path}: branch '{b}' has another number of particles than "
+                                 f"'{branches[0]}' in {int((n != counts).sum())} of {len(n)} jets")
+            parts[b] = ak.to_numpy(ak.flatten(v)).astype(np.float32)
+        for b in JET_BRANCHES + labels:
+            if arr[b].ndim != 1:
+                raise SystemExit(f"{path}: branch '{b}' has type {arr[b].type.content}, expected "
+                                 "one number per jet")
         jet = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in JET_BRANCHES], -1)
         onehot = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in labels], -1)
+        _check_onehot(onehot, path, where)
         y = label_idx[onehot.argmax(-1)]
-        yield assemble(parts, counts, jet, y, n_max, features, drops)
+        yield assemble(parts, counts, jet, y, n_max, features, drops, where)
+
+
+def _check_onehot(onehot, path, where):
+    """Each jet has exactly one label set: a jet with none would silently become class 0."""
+    n_set = (onehot != 0).sum(-1)
+    if (n_set != 1).any():
+        raise SystemExit(f"{where}: labels must be one-hot, but {int((n_set == 0).sum())} jets "
+                         f"have no label_* set and {int((n_set > 1).sum())} have several "
+                         f"(of {len(n_set)} jets)")
 
 
 BLOSC_FILTERS = {32001: "blosc", 32026: "blosc2"}
@@ -314,6 +364,12 @@ def read_h5(path, start, stop, n_max, features, drops, step=50_000):
             except Exception as e:
                 raise SystemExit(f"{path}: cannot read rows {a}-{b} ({type(e).__name__}: {e}); "
                                  "the file may be truncated or corrupt") from None
+            if block0.ndim != 2 or block0.shape[1] < 4 * n_const:
+                raise SystemExit(f"{path}: values_block_0 has shape {block0.shape}, expected "
+                                 f"(N, >= {4 * n_const}) for {n_const} constituents x (E, px, py, pz)")
+            if not np.isin(y, (0, 1)).all():
+                raise SystemExit(f"{path}: is_signal_new must be 0 or 1, but {int((~np.isin(y, (0, 1))).sum())} "
+                                 f"of {len(y)} jets in rows {a}-{b} hold other values")
             const = block0[:, :4 * n_const].reshape(len(block0), n_const, 4)  # (N, 200, E/px/py/pz)
             present = const[..., 0] != 0  # zero padding; NaN rows stay and are dropped later
             counts = present.sum(1)
@@ -332,7 +388,7 @@ def read_h5(path, start, stop, n_max, features, drops, step=50_000):
             parts = {"part_px": px, "part_py": py, "part_pz": pz, "part_energy": e,
                      "part_deta": signed_deta(eta, jet_eta[row]),
                      "part_dphi": wrap_phi(phi - jet_phi[row])}
-            yield assemble(parts, counts, jet, y, n_max, features, drops)
+            yield assemble(parts, counts, jet, y, n_max, features, drops, f"{path} (rows {a}-{b})")
 
 
 READERS = {"pythia": read_root, "jetclass": read_root, "toptagging": read_h5}
@@ -406,8 +462,11 @@ def _budget(n_jets, n_files):
 
 def _warn_drops(drops, where):
     if drops["constituents"] or drops["jets"]:
-        warnings.warn(f"{where}: dropped {drops['constituents']} constituents with NaN/inf and "
-                      f"{drops['jets']} jets with no constituents", stacklevel=3)
+        unphysical = drops.get("unphysical", 0)
+        warnings.warn(f"{where}: dropped {drops['constituents']} constituents with NaN/inf or "
+                      f"unphysical values ({unphysical} unphysical: |p| or E above "
+                      f"{MAX_ENERGY:g} GeV, E < 0 or E < |p|) and {drops['jets']} jets with no "
+                      "constituents", stacklevel=3)
 
 
 # --- data: cache ----------------------------------------------------------------------------
@@ -423,27 +482,103 @@ def _file_ids(files):
     return [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: the process exists but is not ours
+        return True
+    return True
+
+
+def remove_stale_tmp(folder):
+    """Remove what killed writers left in `folder`: cache folders `.<key>.tmp<PID>` and files
+    `<name>.<PID>.tmp` whose process is gone, and `*.tmp` files that name no process. The
+    files of a writer that is still running are kept."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.glob("*.tmp*"):
+        m = re.search(r"\.tmp(\d+)$", p.name) or re.search(r"\.(\d+)\.tmp$", p.name)
+        if m is None and not p.name.endswith(".tmp"):
+            continue
+        if m is not None and _pid_alive(int(m.group(1))):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _tmp_path(path):
+    """A temporary name beside `path` that names this process (see remove_stale_tmp)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def cache_load(cls, key, cache_dir=None):
+    """The cached entry `key` as a `cls` of memory-mapped arrays, or None when there is none.
+    An entry that fails its checks (meta.json missing or unreadable, an array missing, short
+    or unreadable, a shape or dtype other than meta.json's) is removed, with a one-line
+    warning, so the caller rebuilds it."""
     folder = cache_root(cache_dir) / key
-    if not (folder / "meta.json").is_file():
+    if not folder.exists():
         return None
-    return cls(*(np.load(folder / f"{f.name}.npy", mmap_mode="r") for f in fields(cls)))
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        shapes, dtypes = meta["shapes"], meta["dtypes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return _cache_broken(folder, f"no valid meta.json ({type(e).__name__})")
+    arrays = []
+    for f in fields(cls):
+        try:
+            a = np.load(folder / f"{f.name}.npy", mmap_mode="r")
+        except Exception as e:  # short file: ValueError (mmap length), bad header: many types
+            return _cache_broken(folder, f"{f.name}.npy unreadable ({type(e).__name__}: {e})")
+        if list(a.shape) != shapes.get(f.name) or str(a.dtype) != dtypes.get(f.name):
+            return _cache_broken(folder, f"{f.name}.npy is {a.dtype}{list(a.shape)}, meta.json "
+                                         f"says {dtypes.get(f.name)}{shapes.get(f.name)}")
+        arrays.append(a)
+    return cls(*arrays)
+
+
+def _cache_broken(folder, why):
+    warnings.warn(f"cache entry {folder} is broken ({why}): rebuilding it", stacklevel=3)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 def cache_save(obj, key, meta, cache_dir=None):
+    """Write `obj` (a dataclass of arrays) as the cache entry `key` and return it memory-mapped.
+    meta.json records each array's shape and dtype, which cache_load checks."""
     root = cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(root)
     tmp = root / f".{key}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for f in fields(obj):
-        np.save(tmp / f"{f.name}.npy", np.ascontiguousarray(getattr(obj, f.name)))
+    arrays = {f.name: np.ascontiguousarray(getattr(obj, f.name)) for f in fields(obj)}
+    for name, a in arrays.items():
+        np.save(tmp / f"{name}.npy", a)
+    meta = dict(meta, shapes={k: list(a.shape) for k, a in arrays.items()},
+                dtypes={k: str(a.dtype) for k, a in arrays.items()})
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    try:
-        os.replace(tmp, root / key)
-    except OSError:  # another process finished the same entry first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return cache_load(type(obj), key, cache_dir)
+    dest = root / key
+    for _ in range(2):
+        try:
+            os.replace(tmp, dest)
+            break
+        except OSError:
+            # dest exists: another process finished the same entry first (keep theirs), or it
+            # is a broken entry, which cache_load removes before the second try
+            if (hit := cache_load(type(obj), key, cache_dir)) is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return hit
+    shutil.rmtree(tmp, ignore_errors=True)
+    if (hit := cache_load(type(obj), key, cache_dir)) is None:
+        raise SystemExit(f"{dest}: cannot write the cache entry; check the disk, or point "
+                         "NANOJET_CACHE at another folder")
+    return hit
 
 
 # --- data: public entry points --------------------------------------------------------------
@@ -457,6 +592,8 @@ def load_jets(source, path=None, split="train", n_jets=None, n_max=128, features
     $NANOJET_CACHE). Jets keep the file order (class by class): shuffle before training."""
     if features not in FEATURE_NAMES:
         raise ValueError(f"features must be one of {list(FEATURE_NAMES)}, got {features!r}")
+    if n_jets is not None and n_jets <= 0:
+        raise ValueError(f"n_jets must be positive (or None for all), got {n_jets}")
     files = find_files(source, path, split, classes)
     key = cache_key(source=source, files=_file_ids(files), split=split, n_jets=n_jets,
                     n_max=n_max, features=features, classes=classes)
@@ -469,6 +606,10 @@ def load_jets(source, path=None, split="train", n_jets=None, n_max=128, features
         stop = total if n is None else min(n, total)
         chunks += list(READERS[source](f, 0, stop, n_max, features, drops))
     _warn_drops(drops, f"{source} {split}")
+    if not chunks:  # every file empty (a 0-entry tree), or n_jets below the number of files
+        raise SystemExit(f"{source} {split}: no jets read from {len(files)} file(s) "
+                         f"({', '.join(str(f) for f in files[:3])}{' ...' if len(files) > 3 else ''})"
+                         + (f" with n_jets={n_jets}" if n_jets is not None else "; the files are empty"))
     jets = concat(chunks)
     if cache:
         meta = dict(source=source, files=[str(f) for f in files], split=split, n_jets=n_jets,
@@ -1292,6 +1433,20 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
+def check_finite(loss, step, where, grad_norm=None):
+    """Stop the run (SystemExit, non-zero exit) when the loss or the gradient norm is NaN/inf,
+    naming the step and `where` (the batch's data source, e.g. "pythia train"): one bad batch
+    would otherwise poison the weights and every later checkpoint while the run reports
+    success. Call it after backward (with the norm clip_grad_norm_ returns) and before
+    optimizer.step(). It reads the values on the host (a sync): once per step is cheap."""
+    bad = [f"{name} {float(v)}" for name, v in (("loss", loss), ("grad norm", grad_norm))
+           if v is not None and not math.isfinite(float(v))]
+    if bad:
+        raise SystemExit(f"step {step}: {' and '.join(bad)} on a batch of {where}; stopping "
+                         "before the weights are updated (the last checkpoint is kept). Check the "
+                         "input data, or lower --lr")
+
+
 # --- checkpoints --------------------------------------------------------------------------------
 
 
@@ -1362,6 +1517,12 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
       extra           anything else the method needs back (e.g. K-means centroids)"""
     if dataclasses.is_dataclass(encoder_config):
         encoder_config = dataclasses.asdict(encoder_config)
+    for name, module in (("model", model), ("encoder", encoder)):
+        bad = [k for k, t in (unwrap(module).state_dict().items() if module is not None else ())
+               if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise SystemExit(f"{path}: not saved, {len(bad)} {name} tensors hold NaN/inf (first: "
+                             f"{bad[0]}); the previous checkpoint is kept")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     payload = dict(
         method=method,
@@ -1378,8 +1539,24 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    remove_stale_tmp(path.parent)  # what a save killed mid-write left behind
+    tmp = _tmp_path(path)
     torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj):
+    """Write obj as JSON through a temporary file and os.replace (never a truncated file). NaN
+    or inf anywhere in obj raises SystemExit and writes nothing: results from a run that
+    diverged must not look like results."""
+    path = Path(path)
+    try:
+        text = json.dumps(obj, indent=1, allow_nan=False, default=_json_number)
+    except ValueError:
+        raise SystemExit(f"{path}: not written, a value is NaN or inf (the run diverged)") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    tmp.write_text(text + "\n")
     os.replace(tmp, path)
 
 

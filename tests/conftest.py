@@ -19,6 +19,13 @@ if "NANOJET_CACHE" not in os.environ:
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    # torch's own deprecation notices (torch.compile imports torch.jit internals); the suite
+    # must show the warnings of our code only
+    config.addinivalue_line("filterwarnings",
+                            "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
+
 def pytest_unconfigure(config):
     if _OWN_CACHE is not None:
         shutil.rmtree(_OWN_CACHE, ignore_errors=True)
