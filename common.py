@@ -1387,9 +1387,14 @@ def unwrap(model):
 
 
 def cleanup(s):
+    """Leave the process group. The barrier first: a rank that tears down while another still
+    talks to it makes gloo/NCCL abort the process ("terminate called without an active
+    exception")."""
     if s.ddp:
         import torch.distributed as dist
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 # --- optimizer and schedule ---------------------------------------------------------------------
@@ -1533,6 +1538,7 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
         optimizer=optimizer.state_dict() if optimizer is not None else None,
         rng=rng_state(generators),
         step=step,
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
         git=git_hash(),
         versions=versions(),
         **extra,
@@ -1570,11 +1576,36 @@ def load_checkpoint(path, map_location="cpu"):
         raise SystemExit(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
 
 
-def resume_from(path, raw_model, optimizer=None, generators=None):
+# the arguments that fix a run's batches: resuming with other values would silently train on
+# other data (or skip it), so resume_from compares them with the checkpoint's
+RUN_ARGS = ("data", "n_jets", "n_max", "features", "batch_size", "seed", "classes")
+
+
+def resume_from(path, raw_model, optimizer=None, generators=None, args=None):
     """Restore weights, optimizer, every RNG and return the step to continue from. With the data
-    order derived from (seed, epoch) this continues the run bit for bit (on CPU)."""
+    order derived from (seed, epoch) this continues the run bit for bit (on CPU). Stops with a
+    SystemExit listing the differences when the model's parameters (names, shapes) differ from
+    the checkpoint's, or, given `args`, when a RUN_ARGS value or the number of processes does."""
     ckpt = load_checkpoint(path)
-    unwrap(raw_model).load_state_dict(ckpt["model"])
+    model = unwrap(raw_model)
+    have, saved = model.state_dict(), ckpt["model"]
+    diffs = [f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(have[k].shape)}"
+             for k in have if k in saved and saved[k].shape != have[k].shape]
+    diffs += [f"{k}: only in the model" for k in have if k not in saved]
+    diffs += [f"{k}: only in the checkpoint" for k in saved if k not in have]
+    if args is not None:
+        args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+        old = ckpt.get("args") or {}
+        diffs += [f"--{k.replace('_', '-')}: checkpoint {old[k]!r}, now {_plain(args[k])!r}"
+                  for k in RUN_ARGS if k in args and k in old and _plain(args[k]) != old[k]]
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if ckpt.get("world_size", world) != world:
+            diffs.append(f"processes: checkpoint {ckpt['world_size']}, now {world}")
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise SystemExit(f"--resume {path}: the checkpoint is from another run ({shown}); "
+                         "resume with the same settings, or start a new run")
+    model.load_state_dict(saved)
     if optimizer is not None and ckpt["optimizer"] is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"], generators)
@@ -1674,11 +1705,25 @@ def train_batches(data, batch_size, device, epochs, *, seed=0, start_step=0, ran
 
 class JsonlLogger:
     """One JSON object per line (`out/<run>.jsonl`); appends, so a resumed run continues the file.
-    Only the master process should log."""
+    resume_step: the step a resumed run continues from; records of that step and later (logged
+    after the checkpoint by the interrupted run, and about to be logged again) are dropped from
+    the file first, atomically. Only the master process should log."""
 
-    def __init__(self, path):
+    def __init__(self, path, resume_step=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut by the kill
+                    continue
+                if not (isinstance(record, dict) and record.get("step", -1) >= resume_step):
+                    keep.append(line + "\n")
+            tmp = _tmp_path(self.path)
+            tmp.write_text("".join(keep))
+            os.replace(tmp, self.path)
 
     def log(self, record):
         with open(self.path, "a") as f:
