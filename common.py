@@ -292,12 +292,12 @@ def read_root(path, start, stop, n_max, features, drops, step=50_000):
                                  "one number per jet")
         jet = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in JET_BRANCHES], -1)
         onehot = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in labels], -1)
-        _check_onehot(onehot, path, where)
+        _check_onehot(onehot, where)
         y = label_idx[onehot.argmax(-1)]
         yield assemble(parts, counts, jet, y, n_max, features, drops, where)
 
 
-def _check_onehot(onehot, path, where):
+def _check_onehot(onehot, where):
     """Each jet has exactly one label set: a jet with none would silently become class 0."""
     n_set = (onehot != 0).sum(-1)
     if (n_set != 1).any():
