@@ -471,6 +471,7 @@ def test_pythia_default_without_jetgen_says_what_is_missing(tmp_path, monkeypatc
 
 def test_progress_bar_is_throttled_in_log_files(capsys):
     bar = common.progress_bar(5000, 10)              # stderr is captured: not a terminal
+    assert bar.mininterval >= 30                     # a loop of minutes writes a few lines
     for _ in range(5000):
         bar.update(10)
     bar.close()
