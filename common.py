@@ -1640,18 +1640,34 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
     os.replace(tmp, path)
 
 
-def write_json_atomic(path, obj):
-    """Write obj as JSON through a temporary file and os.replace (never a truncated file). NaN
-    or inf anywhere in obj raises SystemExit and writes nothing: results from a run that
-    diverged must not look like results."""
+def write_json_atomic(path, obj, finite=None):
+    """Write obj as JSON through a temporary file and os.replace (never a truncated file).
+    Refuses (SystemExit, nothing written, an older file kept) when a number that must be finite
+    is NaN or inf: results from a run that diverged must not look like results. finite: the
+    dict keys whose values must be finite, at any depth (e.g. ("loss", "acc", "auc"), since a
+    rejection 1/eps_B is legitimately inf when no background passes); None: every number."""
     path = Path(path)
-    try:
-        text = json.dumps(obj, indent=1, allow_nan=False, default=_json_number)
-    except ValueError:
-        raise SystemExit(f"{path}: not written, a value is NaN or inf (the run diverged)") from None
+    obj = json.loads(json.dumps(obj, default=_json_number))  # numpy/torch scalars -> float
+    bad = []
+
+    def walk(value, where, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}" if where else str(k), k)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]", key)
+        elif isinstance(value, float) and not math.isfinite(value) and \
+                (finite is None or key in finite):
+            bad.append(f"{where} = {value}")
+
+    walk(obj, "", None)
+    if bad:
+        raise SystemExit(f"{path}: not written, {', '.join(bad[:4])}"
+                         f"{' ...' if len(bad) > 4 else ''} (the run diverged)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
-    tmp.write_text(text + "\n")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
 
 

@@ -92,9 +92,14 @@ def test_no_checkpoint_or_results_from_nonfinite_values(tmp_path):
     out = tmp_path / "results.json"
     common.write_json_atomic(out, dict(auc=np.float32(0.9), runs=[1, 2]))
     assert json.loads(out.read_text()) == dict(auc=pytest.approx(0.9), runs=[1, 2])
-    with pytest.raises(SystemExit, match="NaN or inf"):
-        common.write_json_atomic(out, dict(auc=float("nan")))
+    with pytest.raises(SystemExit, match=r"results.json: not written, mean.auc = nan"):
+        common.write_json_atomic(out, dict(mean=dict(auc=np.float64("nan")), runs=[1, 2, 3]))
     assert json.loads(out.read_text())["runs"] == [1, 2]     # the old file is untouched
+    with pytest.raises(SystemExit, match=r"per_seed\[1\].loss = inf"):
+        common.write_json_atomic(out, dict(per_seed=[dict(loss=1.0), dict(loss=float("inf"))]),
+                                 finite=("loss", "auc"))
+    common.write_json_atomic(out, dict(auc=0.9, rej50=float("inf")), finite=("loss", "auc"))
+    assert json.loads(out.read_text())["rej50"] == float("inf")
 
 
 # --- 2./3. the cache validates itself ------------------------------------------------------------
