@@ -24,10 +24,12 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -199,19 +201,43 @@ def particle_features(p4, valid, jet, deta, dphi, extra=None, features="kin"):
     return x
 
 
-def assemble(parts, counts, jet, y, n_max, features, drops, entry=None):
+MAX_ENERGY = 1e5     # GeV (100 TeV): beyond any collider jet; 1e20 squared overflows fp32
+BAD_FRACTION = 0.1   # a file with more bad constituents than this is rejected, not cleaned
+
+
+def physical_mask(px, py, pz, energy):
+    """True for a physical constituent: |p| and E at most MAX_ENERGY, E >= 0 and E >= |p|
+    (mass^2 >= 0) up to float32 rounding (massless particles have E == |p|; relative 1e-3 plus
+    1e-4 GeV absolute). Computed in float64, so huge inputs neither overflow nor warn."""
+    px, py, pz, e = (np.asarray(v, dtype=np.float64) for v in (px, py, pz, energy))
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.sqrt(px * px + py * py + pz * pz)
+        return (p <= MAX_ENERGY) & (e <= MAX_ENERGY) & (e >= 0) & (e + 1e-3 * p + 1e-4 >= p)
+
+
+def assemble(parts, counts, jet, y, n_max, features, drops, entry=None, where="input"):
     """The one place where every reader's output becomes jets (a ragged `Chunk`).
     parts: dict of flat per-particle arrays, jet by jet (part_px, part_py, part_pz,
     part_energy, part_deta, part_dphi, optional extras), counts (N,), jet (N, 4), y (N,).
-    Drops non-finite constituents and then empty jets, counting both in `drops`; sorts each
-    jet's constituents by pT (descending) and keeps the first n_max. entry (N,): each jet's
-    entry number in its file (default 0..N-1), kept for the jets that survive."""
+    Drops non-finite and unphysical constituents (physical_mask) and then empty jets, counting
+    both in `drops`; stops when more than BAD_FRACTION of the constituents of `where` (the file
+    and entries read) are bad. Sorts each jet's constituents by pT (descending) and keeps the
+    first n_max. entry (N,): each jet's entry number in its file (default 0..N-1), kept for the
+    jets that survive."""
     counts = np.asarray(counts, dtype=np.int64)
     row = np.repeat(np.arange(len(counts)), counts)
     finite = np.ones(len(row), dtype=bool)
     for v in parts.values():
         finite &= np.isfinite(v)
-    drops["constituents"] += int((~finite).sum())
+    physical = physical_mask(*(parts[k] for k in ("part_px", "part_py", "part_pz", "part_energy")))
+    drops["unphysical"] = drops.get("unphysical", 0) + int((finite & ~physical).sum())
+    finite &= physical
+    n_bad = int((~finite).sum())
+    if n_bad > BAD_FRACTION * len(row):
+        raise SystemExit(f"{where}: {n_bad} of {len(row)} constituents are NaN/inf or unphysical "
+                         f"(|p| or E above {MAX_ENERGY:g} GeV, E < 0 or E < |p|); the file is "
+                         "corrupt or not in GeV")
+    drops["constituents"] += n_bad
     if not finite.all():
         parts = {k: v[finite] for k, v in parts.items()}
         row = row[finite]
@@ -304,13 +330,39 @@ def read_root(path, start, stop, n_max, features, drops, step=50_000):
             raise SystemExit(f"{path}: cannot read entries {a}-{min(a + step, stop)} "
                              f"({type(e).__name__}: {e}); the file may be truncated or corrupt")
         col = lambda b: arr["part", b[5:]] if nested and b.startswith("part_") else arr[b]  # noqa: E731
-        counts = ak.to_numpy(ak.num(col("part_px")))
-        parts = {b: ak.to_numpy(ak.flatten(col(b))).astype(np.float32)
-                 for b in branches if b.startswith("part_")}
+        where = f"{path} (entries {a}-{min(a + step, stop)})"
+        counts, parts = None, {}
+        for b in (b for b in branches if b.startswith("part_")):
+            v = col(b)
+            if v.ndim != 2 or v.layout.purelist_depth != 2:
+                raise SystemExit(f"{path}: branch '{b}' has type {v.type.content}, expected a "
+                                 "variable-length list of numbers per jet (the JetClass layout)")
+            n = ak.to_numpy(ak.num(v))
+            if counts is None:
+                counts = n
+            elif (n != counts).any():
+                raise SystemExit(f"{path}: branch '{b}' has another number of particles than "
+                                 f"'{branches[0]}' in {int((n != counts).sum())} of {len(n)} jets")
+            parts[b] = ak.to_numpy(ak.flatten(v)).astype(np.float32)
+        for b in JET_BRANCHES + labels:
+            if arr[b].ndim != 1:
+                raise SystemExit(f"{path}: branch '{b}' has type {arr[b].type.content}, expected "
+                                 "one number per jet")
         jet = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in JET_BRANCHES], -1)
         onehot = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in labels], -1)
+        _check_onehot(onehot, where)
         y = label_idx[onehot.argmax(-1)]
-        yield assemble(parts, counts, jet, y, n_max, features, drops, np.arange(a, a + len(y)))
+        yield assemble(parts, counts, jet, y, n_max, features, drops,
+                       np.arange(a, a + len(y)), where)
+
+
+def _check_onehot(onehot, where):
+    """Each jet has exactly one label set: a jet with none would silently become class 0."""
+    n_set = (onehot != 0).sum(-1)
+    if (n_set != 1).any():
+        raise SystemExit(f"{where}: labels must be one-hot, but {int((n_set == 0).sum())} jets "
+                         f"have no label_* set and {int((n_set > 1).sum())} have several "
+                         f"(of {len(n_set)} jets)")
 
 
 BLOSC_FILTERS = {32001: "blosc", 32026: "blosc2"}
@@ -372,6 +424,12 @@ def read_h5(path, start, stop, n_max, features, drops, step=50_000):
             except Exception as e:
                 raise SystemExit(f"{path}: cannot read rows {a}-{b} ({type(e).__name__}: {e}); "
                                  "the file may be truncated or corrupt") from None
+            if block0.ndim != 2 or block0.shape[1] < 4 * n_const:
+                raise SystemExit(f"{path}: values_block_0 has shape {block0.shape}, expected "
+                                 f"(N, >= {4 * n_const}) for {n_const} constituents x (E, px, py, pz)")
+            if not np.isin(y, (0, 1)).all():
+                raise SystemExit(f"{path}: is_signal_new must be 0 or 1, but {int((~np.isin(y, (0, 1))).sum())} "
+                                 f"of {len(y)} jets in rows {a}-{b} hold other values")
             const = block0[:, :4 * n_const].reshape(len(block0), n_const, 4)  # (N, 200, E/px/py/pz)
             present = const[..., 0] != 0  # zero padding; NaN rows stay and are dropped later
             counts = present.sum(1)
@@ -390,7 +448,8 @@ def read_h5(path, start, stop, n_max, features, drops, step=50_000):
             parts = {"part_px": px, "part_py": py, "part_pz": pz, "part_energy": e,
                      "part_deta": signed_deta(eta, jet_eta[row]),
                      "part_dphi": wrap_phi(phi - jet_phi[row])}
-            yield assemble(parts, counts, jet, y, n_max, features, drops, np.arange(a, a + len(y)))
+            yield assemble(parts, counts, jet, y, n_max, features, drops, np.arange(a, b),
+                           f"{path} (rows {a}-{b})")
 
 
 READERS = {"pythia": read_root, "jetclass": read_root, "toptagging": read_h5}
@@ -446,7 +505,12 @@ def ensure_pythia():
     done = out / ".complete"  # written last: an interrupted generation resumes next time
     if done.exists():
         return out
-    import jetgen
+    try:
+        import jetgen
+    except ImportError as e:
+        raise SystemExit(f"the default data (--data pythia) is generated by jetgen.py, which is not "
+                         f"importable ({e}): copy jetgen.py beside common.py, or use --data "
+                         "toptagging or --data jetclass with --data-dir") from None
     print(f"generating the embedded default sample in {out} (once; a few minutes on 2 cores)")
     jetgen.generate(out, classes=("QCD", "Tbqq"), jets_per_class=PYTHIA_JETS_PER_CLASS, seed=0,
                     workers=os.cpu_count(), preset="toptagging")
@@ -464,8 +528,11 @@ def _budget(n_jets, n_files):
 
 def _warn_drops(drops, where):
     if drops["constituents"] or drops["jets"]:
-        warnings.warn(f"{where}: dropped {drops['constituents']} constituents with NaN/inf and "
-                      f"{drops['jets']} jets with no constituents", stacklevel=3)
+        unphysical = drops.get("unphysical", 0)
+        warnings.warn(f"{where}: dropped {drops['constituents']} constituents with NaN/inf or "
+                      f"unphysical values ({unphysical} unphysical: |p| or E above "
+                      f"{MAX_ENERGY:g} GeV, E < 0 or E < |p|) and {drops['jets']} jets with no "
+                      "constituents", stacklevel=3)
 
 
 # --- data: cache ----------------------------------------------------------------------------
@@ -481,27 +548,103 @@ def _file_ids(files):
     return [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
 
 
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: the process exists but is not ours
+        return True
+    return True
+
+
+def remove_stale_tmp(folder):
+    """Remove what killed writers left in `folder`: cache folders `.<key>.tmp<PID>` and files
+    `<name>.<PID>.tmp` whose process is gone, and `*.tmp` files that name no process. The
+    files of a writer that is still running are kept."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.glob("*.tmp*"):
+        m = re.search(r"\.tmp(\d+)$", p.name) or re.search(r"\.(\d+)\.tmp$", p.name)
+        if m is None and not p.name.endswith(".tmp"):
+            continue
+        if m is not None and _pid_alive(int(m.group(1))):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _tmp_path(path):
+    """A temporary name beside `path` that names this process (see remove_stale_tmp)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def cache_load(cls, key, cache_dir=None):
+    """The cached entry `key` as a `cls` of memory-mapped arrays, or None when there is none.
+    An entry that fails its checks (meta.json missing or unreadable, an array missing, short
+    or unreadable, a shape or dtype other than meta.json's) is removed, with a one-line
+    warning, so the caller rebuilds it."""
     folder = cache_root(cache_dir) / key
-    if not (folder / "meta.json").is_file():
+    if not folder.exists():
         return None
-    return cls(*(np.load(folder / f"{f.name}.npy", mmap_mode="r") for f in fields(cls)))
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        shapes, dtypes = meta["shapes"], meta["dtypes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return _cache_broken(folder, f"no valid meta.json ({type(e).__name__})")
+    arrays = []
+    for f in fields(cls):
+        try:
+            a = np.load(folder / f"{f.name}.npy", mmap_mode="r")
+        except Exception as e:  # short file: ValueError (mmap length), bad header: many types
+            return _cache_broken(folder, f"{f.name}.npy unreadable ({type(e).__name__}: {e})")
+        if list(a.shape) != shapes.get(f.name) or str(a.dtype) != dtypes.get(f.name):
+            return _cache_broken(folder, f"{f.name}.npy is {a.dtype}{list(a.shape)}, meta.json "
+                                         f"says {dtypes.get(f.name)}{shapes.get(f.name)}")
+        arrays.append(a)
+    return cls(*arrays)
+
+
+def _cache_broken(folder, why):
+    warnings.warn(f"cache entry {folder} is broken ({why}): rebuilding it", stacklevel=3)
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 def cache_save(obj, key, meta, cache_dir=None):
+    """Write `obj` (a dataclass of arrays) as the cache entry `key` and return it memory-mapped.
+    meta.json records each array's shape and dtype, which cache_load checks."""
     root = cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(root)
     tmp = root / f".{key}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for f in fields(obj):
-        np.save(tmp / f"{f.name}.npy", np.ascontiguousarray(getattr(obj, f.name)))
+    arrays = {f.name: np.ascontiguousarray(getattr(obj, f.name)) for f in fields(obj)}
+    for name, a in arrays.items():
+        np.save(tmp / f"{name}.npy", a)
+    meta = dict(meta, shapes={k: list(a.shape) for k, a in arrays.items()},
+                dtypes={k: str(a.dtype) for k, a in arrays.items()})
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-    try:
-        os.replace(tmp, root / key)
-    except OSError:  # another process finished the same entry first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return cache_load(type(obj), key, cache_dir)
+    dest = root / key
+    for _ in range(2):
+        try:
+            os.replace(tmp, dest)
+            break
+        except OSError:
+            # dest exists: another process finished the same entry first (keep theirs), or it
+            # is a broken entry, which cache_load removes before the second try
+            if (hit := cache_load(type(obj), key, cache_dir)) is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return hit
+    shutil.rmtree(tmp, ignore_errors=True)
+    if (hit := cache_load(type(obj), key, cache_dir)) is None:
+        raise SystemExit(f"{dest}: cannot write the cache entry; check the disk, or point "
+                         "NANOJET_CACHE at another folder")
+    return hit
 
 
 # --- data: public entry points --------------------------------------------------------------
@@ -515,6 +658,8 @@ def load_jets(source, path=None, split="train", n_jets=None, n_max=128, features
     $NANOJET_CACHE). Jets keep the file order (class by class): shuffle before training."""
     if features not in FEATURE_NAMES:
         raise ValueError(f"features must be one of {list(FEATURE_NAMES)}, got {features!r}")
+    if n_jets is not None and n_jets <= 0:
+        raise ValueError(f"n_jets must be positive (or None for all), got {n_jets}")
     files = find_files(source, path, split, classes)
     key = cache_key(source=source, files=_file_ids(files), split=split, n_jets=n_jets,
                     n_max=n_max, features=features, classes=classes)
@@ -527,6 +672,10 @@ def load_jets(source, path=None, split="train", n_jets=None, n_max=128, features
         stop = total if n is None else min(n, total)
         chunks += [c.to_jets(n_max) for c in READERS[source](f, 0, stop, n_max, features, drops)]
     _warn_drops(drops, f"{source} {split}")
+    if not chunks:  # every file empty (a 0-entry tree), or n_jets below the number of files
+        raise SystemExit(f"{source} {split}: no jets read from {len(files)} file(s) "
+                         f"({', '.join(str(f) for f in files[:3])}{' ...' if len(files) > 3 else ''})"
+                         + (f" with n_jets={n_jets}" if n_jets is not None else "; the files are empty"))
     jets = concat(chunks)
     if cache:
         meta = dict(source=source, files=[str(f) for f in files], split=split, n_jets=n_jets,
@@ -912,39 +1061,118 @@ def _md5(path, block=1 << 22):
     return h.hexdigest()
 
 
-def fetch(url, dest, md5=None, progress=True):
-    """Download url to dest: resumes dest.part with an HTTP Range request, checks md5, then
-    renames. A checksum mismatch removes the partial file (it cannot be trusted to resume)."""
-    from tqdm import tqdm
+class _Retry(Exception):
+    """A transient download failure (timeout, dropped connection, short body, HTTP 5xx)."""
+
+
+def fetch(url, dest, md5=None, progress=True, retries=4, timeout=60, backoff=2.0):
+    """Download url to dest through dest.part, then rename. What arrives is checked: the byte
+    count against Content-Length, a 206 reply's Content-Range against the offset asked for (a
+    wrong one is not appended: the download starts over), and the body is not an HTML page.
+    A timeout, a dropped connection or a short body is retried `retries` times with
+    exponential backoff (backoff x 1, 2, 4... seconds), each try resuming dest.part with an
+    HTTP Range request; the last failure is a one-line SystemExit and dest.part stays for the
+    next run to resume. Only an md5 mismatch removes dest.part (it cannot be trusted)."""
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        resp = urllib.request.urlopen(req, timeout=60)
-    except urllib.error.HTTPError as e:
-        if e.code != 416:  # 416: the part file is already complete
-            raise SystemExit(f"{url}: HTTP {e.code} {e.reason}") from None
-        resp = None
-    except (urllib.error.URLError, OSError) as e:
-        raise SystemExit(f"{url}: cannot connect ({e}); check the network and run again") from None
-    if resp is not None:
-        with resp:
-            if have and resp.status != 206:  # server ignored the Range header: start over
-                have = 0
-            total = int(resp.headers.get("Content-Length", 0)) + have or None
-            with open(part, "ab" if have else "wb") as f, \
-                    tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                         desc=dest.name, disable=not progress) as bar:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
+    for attempt in range(retries + 1):
+        try:
+            _fetch_once(url, part, progress, timeout)
+            break
+        except _Retry as e:
+            if attempt == retries:
+                raise SystemExit(f"{url}: {e} ({retries + 1} tries); run the command again to "
+                                 f"resume from {part}") from None
+            time.sleep(backoff * 2 ** attempt)
     if md5 is not None and (got := _md5(part)) != md5:
         part.unlink()
         raise SystemExit(f"{dest}: md5 {got} does not match the published {md5}; the download "
                          "was removed, run the command again")
     os.replace(part, dest)
     return dest
+
+
+def _fetch_once(url, part, progress, timeout):
+    """One request: append to `part` from its current size. Returns when the body is complete;
+    raises _Retry for what another try may fix, SystemExit for what it will not."""
+    import http.client
+    from tqdm import tqdm
+    have = part.stat().st_size if part.exists() else 0
+    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        resp = urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416:  # range not satisfiable: complete if the server's size is ours
+            total = e.headers.get("Content-Range", "").rpartition("/")[2]
+            if total.isdigit() and int(total) != have:
+                part.unlink()
+                raise _Retry(f"{part.name} holds {have} bytes, the file {total}: starting over") from None
+            return
+        if e.code >= 500:
+            raise _Retry(f"HTTP {e.code} {e.reason}") from None
+        raise SystemExit(f"{url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:  # refused, reset, timeout (all OSError)
+        raise _Retry(f"cannot connect ({getattr(e, 'reason', e)})") from None
+    with resp:
+        if "text/html" in resp.headers.get("Content-Type", ""):
+            raise SystemExit(f"{url}: the server sent an HTML page, not the file (moved, or an "
+                             "error or login page); check the URL")
+        if have and resp.status == 206:
+            first = resp.headers.get("Content-Range", "").partition(" ")[2].partition("-")[0]
+            if first != str(have):  # appending from another offset would corrupt the file
+                part.unlink()
+                raise _Retry(f"asked for bytes from {have}, got Content-Range "
+                             f"{resp.headers.get('Content-Range')!r}: starting over")
+        elif have:  # the server ignored the Range header: it sends the whole file
+            have = 0
+        length = resp.headers.get("Content-Length")
+        length = int(length) if length and length.isdigit() else None
+        got = 0
+        with open(part, "ab" if have else "wb") as f, \
+                tqdm(total=length + have if length is not None else None, initial=have,
+                     unit="B", unit_scale=True, desc=part.name[:-5], disable=not progress,
+                     mininterval=1 if sys.stderr.isatty() else 30) as bar:
+            try:
+                while chunk := resp.read1(1 << 20):  # what has arrived: a stall keeps it
+                    if not have and not got and chunk.lstrip()[:1] == b"<":
+                        raise SystemExit(f"{url}: the server sent an HTML/XML page, not the "
+                                         "file; check the URL")
+                    f.write(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as e:  # timeout, reset, IncompleteRead
+                raise _Retry(f"connection lost after {have + got} bytes ({type(e).__name__})") from None
+        if length is not None and got != length:
+            raise _Retry(f"short read: {got} of {length} bytes")
+
+
+def _remote_size(url, timeout=60):
+    """Content-Length of a HEAD request, or None when the server cannot tell."""
+    try:
+        req = urllib.request.Request(url, method="HEAD")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            n = resp.headers.get("Content-Length")
+            return int(n) if n and n.isdigit() else None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _complete(dest, url, md5, timeout=60):
+    """An existing download is kept when its md5 matches (when published) or its size equals the
+    server's. A shorter file becomes dest.part (the next fetch resumes it); any other is removed."""
+    if md5 is not None:
+        ok = _md5(dest) == md5
+    else:
+        size = _remote_size(url, timeout)
+        ok = size is None or size == dest.stat().st_size  # offline: the reader checks the file
+        if not ok and dest.stat().st_size < size:
+            print(f"{dest}: {dest.stat().st_size} of {size} bytes; resuming the download")
+            os.replace(dest, dest.with_name(dest.name + ".part"))
+            return False
+    if not ok:
+        print(f"{dest}: incomplete or corrupt (size or md5); downloading it again")
+        dest.unlink()
+    return ok
 
 
 def extract_root_tar(tar_path, out_dir, split_dir):
@@ -966,14 +1194,18 @@ def extract_root_tar(tar_path, out_dir, split_dir):
     return moved
 
 
-def download(dataset, split="val", out_dir=None, progress=True):
+def download(dataset, split="val", out_dir=None, progress=True, **fetch_options):
+    """Fetch a public dataset into out_dir (see fetch; fetch_options: retries, timeout, backoff).
+    Files already there are checked (md5, or size against the server's) before being kept."""
     out_dir = Path(out_dir or default_data_dir(dataset))
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out_dir)
+    timeout = fetch_options.get("timeout", 60)
     if dataset == "toptagging":
         for url, md5 in DOWNLOADS[("toptagging", None)]:
             dest = out_dir / url.rsplit("/", 1)[1]
-            if not dest.exists():
-                fetch(url, dest, md5, progress)
+            if not (dest.exists() and _complete(dest, url, md5, timeout)):
+                fetch(url, dest, md5, progress, **fetch_options)
             n = _num_entries("toptagging", dest)  # opens the table: fails loudly if corrupt
             print(f"{dest}: {n} jets")
         return out_dir
@@ -982,8 +1214,8 @@ def download(dataset, split="val", out_dir=None, progress=True):
         done = out_dir / f".{tar.name}.done"  # the tarball is deleted after extraction
         if done.exists():
             continue
-        if not tar.exists():
-            fetch(url, tar, md5, progress)
+        if not (tar.exists() and _complete(tar, url, md5, timeout)):
+            fetch(url, tar, md5, progress, **fetch_options)
         n = extract_root_tar(tar, out_dir, SPLIT_DIRS[split][0])
         done.touch()
         tar.unlink()
@@ -1367,10 +1599,32 @@ def collapse_stats(z):
 # --- shared flags -----------------------------------------------------------------------------
 
 
+def _number_type(kind, name, ok, what):
+    """An argparse type: parse with `kind`, then check `ok` (a bad value is a one-line usage error)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    parse.__name__ = name  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _number_type(int, "positive_int", lambda v: v > 0, "a positive integer")
+nonneg_int = _number_type(int, "nonneg_int", lambda v: v >= 0, "an integer >= 0")
+positive_float = _number_type(float, "positive_float", lambda v: v > 0, "a number > 0")
+nonneg_float = _number_type(float, "nonneg_float", lambda v: v >= 0, "a number >= 0")
+fraction = _number_type(float, "fraction", lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+
+
 def add_common_args(parser, skip=()):
     """Add the flags every script shares (one argparse group). `skip` leaves out flags a script
     has no use for (a flag that is accepted but does nothing would be a bug), e.g. ("resume",).
-    Scripts change defaults afterwards with parser.set_defaults(epochs=..., lr=...)."""
+    Scripts change defaults afterwards with parser.set_defaults(epochs=..., lr=...). Help texts
+    carry no "(default: ...)": the scripts use ArgumentDefaultsHelpFormatter, which adds it."""
     g = parser.add_argument_group("data and training (shared by every script)")
 
     def add(name, **kw):
@@ -1381,40 +1635,57 @@ def add_common_args(parser, skip=()):
         help="pythia: jets generated by jetgen.py (made on first use, small); jetclass: the "
              "JetClass ROOT files; toptagging: the Top Tagging reference h5 files")
     add("--data-dir", default=None,
-        help="folder holding the data (default: data/<data>)")
-    add("--n-jets", type=int, default=None,
-        help="use at most this many training jets (default: all)")
-    add("--n-eval", type=int, default=None,
-        help="use at most this many validation/test jets (default: all)")
-    add("--n-max", type=int, default=128,
+        help="folder holding the data (None: data/<data> beside common.py)")
+    add("--n-jets", type=positive_int, default=None,
+        help="use at most this many training jets (None: all)")
+    add("--n-eval", type=positive_int, default=None,
+        help="use at most this many validation/test jets (None: all)")
+    add("--n-max", type=positive_int, default=128,
         help="particles kept per jet (the hardest ones); shorter jets are padded")
-    add("--epochs", type=int, default=10, help="passes over the training jets")
-    add("--steps", type=int, default=0,
+    add("--epochs", type=positive_int, default=10, help="passes over the training jets")
+    add("--steps", type=nonneg_int, default=0,
         help="stop after this many optimizer steps, overriding --epochs (0: use --epochs)")
-    add("--workers", type=int, default=0,
+    add("--batch-size", type=positive_int, default=256, help="jets per step and per process")
+    add("--workers", type=nonneg_int, default=0,
         help="DataLoader worker processes that read and prepare batches (0: in the main process)")
-    add("--shuffle-buffer", type=int, default=100_000,
+    add("--shuffle-buffer", type=positive_int, default=100_000,
         help="jets per process held for shuffling while streaming")
-    add("--batch-size", type=int, default=256, help="jets per step and per process")
-    add("--lr", type=float, default=1e-3, help="peak learning rate (after warm-up)")
-    add("--weight-decay", type=float, default=0.01,
+    add("--lr", type=positive_float, default=1e-3, help="peak learning rate (after warm-up)")
+    add("--weight-decay", type=nonneg_float, default=0.01,
         help="AdamW weight decay, applied to matrices only (not biases, norms)")
-    add("--warmup", type=int, default=None,
-        help="steps of linear learning-rate warm-up before the cosine decay (default: "
-             "min(100, 5%% of the run))")
-    add("--grad-clip", type=float, default=1.0,
+    add("--warmup", type=nonneg_int, default=None,
+        help="steps of linear learning-rate warm-up before the cosine decay "
+             "(None: min(100 steps, 5%% of the run))")
+    add("--grad-clip", type=nonneg_float, default=1.0,
         help="clip the global gradient norm to this value (0: no clipping)")
     add("--device", choices=["auto", "cpu", "cuda"], default="auto",
         help="auto: CUDA when available, else CPU")
     add("--compile", action=argparse.BooleanOptionalAction, default=None,
-        help="torch.compile the model (default: on for CUDA, off for CPU)")
-    add("--seed", type=int, default=0, help="seed for weights, data order and masks")
+        help="torch.compile the model (None: on for CUDA, off for CPU)")
+    add("--seed", type=nonneg_int, default=0, help="seed for weights, data order and masks")
     add("--out", default="out", help="folder for checkpoints, logs and results")
     add("--resume", default=None, metavar="CKPT",
         help="continue the run saved in this checkpoint (weights, optimizer, RNG, data order)")
-    add("--eval-every", type=int, default=0,
+    add("--eval-every", type=nonneg_int, default=0,
         help="evaluate every this many steps (0: at the end of each epoch)")
     return parser
+
+
+def warmup_steps(warmup, total_steps):
+    """The warm-up length of a run of `total_steps`: `warmup` when given (--warmup), else
+    min(100, 5% of the run), so a short run still reaches its peak learning rate. An explicit
+    warm-up longer than the run gets a one-line warning (the peak lr would never be reached)."""
+    if warmup is None:
+        return _default_warmup(total_steps)
+    if warmup > total_steps:
+        warnings.warn(f"--warmup {warmup} exceeds the run's {total_steps} steps: the learning "
+                      "rate never reaches its peak (lower --warmup, or omit it for 5% of the run)",
+                      stacklevel=2)
+    return warmup
+
+
+def _default_warmup(total_steps):
+    return min(100, max(1, round(0.05 * total_steps)))
 
 
 # --- device, seeds, DDP -------------------------------------------------------------------------
@@ -1493,9 +1764,14 @@ def unwrap(model):
 
 
 def cleanup(s):
+    """Leave the process group. The barrier first: a rank that tears down while another still
+    talks to it makes gloo/NCCL abort the process ("terminate called without an active
+    exception")."""
     if s.ddp:
         import torch.distributed as dist
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 # --- optimizer and schedule ---------------------------------------------------------------------
@@ -1522,7 +1798,10 @@ def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, d
 
 def lr_at(step, total_steps, warmup_steps, lr, min_lr=0.0):
     """Learning rate at `step` (0-based): linear warm-up to `lr` over `warmup_steps`, then a
-    cosine decay to `min_lr` at `total_steps`."""
+    cosine decay to `min_lr` at `total_steps`. warmup_steps None: the default of
+    common.warmup_steps (min(100, 5% of the run))."""
+    if warmup_steps is None:
+        warmup_steps = _default_warmup(total_steps)
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if step >= total_steps:
@@ -1531,27 +1810,23 @@ def lr_at(step, total_steps, warmup_steps, lr, min_lr=0.0):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def warmup_steps(warmup, total_steps):
-    """--warmup resolved for a run of total_steps: None -> min(100, 5% of the run); a warm-up
-    longer than the run never reaches the peak lr, so say so."""
-    if warmup is None:
-        return min(100, max(1, total_steps // 20))
-    if warmup > total_steps:
-        warnings.warn(f"--warmup {warmup} exceeds the run's {total_steps} steps: the learning rate "
-                      "never reaches its peak", stacklevel=2)
-    return warmup
-
-
-def check_finite(loss, step, where=""):
-    """Stop a run whose loss went NaN/inf (nothing is saved from non-finite weights)."""
-    if not torch.isfinite(loss).all():
-        raise SystemExit(f"step {step}: the loss is {loss.item()}; stopping without saving"
-                         + (f" (batch from {where})" if where else ""))
-
-
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def check_finite(loss, step, where, grad_norm=None):
+    """Stop the run (SystemExit, non-zero exit) when the loss or the gradient norm is NaN/inf,
+    naming the step and `where` (the batch's data source, e.g. "pythia train"): one bad batch
+    would otherwise poison the weights and every later checkpoint while the run reports
+    success. Call it after backward (with the norm clip_grad_norm_ returns) and before
+    optimizer.step(). It reads the values on the host (a sync): once per step is cheap."""
+    bad = [f"{name} {float(v)}" for name, v in (("loss", loss), ("grad norm", grad_norm))
+           if v is not None and not math.isfinite(float(v))]
+    if bad:
+        raise SystemExit(f"step {step}: {' and '.join(bad)} on a batch of {where}; stopping "
+                         "before the weights are updated (the last checkpoint is kept). Check the "
+                         "input data, or lower --lr")
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -1624,6 +1899,12 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
       extra           anything else the method needs back (e.g. K-means centroids)"""
     if dataclasses.is_dataclass(encoder_config):
         encoder_config = dataclasses.asdict(encoder_config)
+    for name, module in (("model", model), ("encoder", encoder)):
+        bad = [k for k, t in (unwrap(module).state_dict().items() if module is not None else ())
+               if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise SystemExit(f"{path}: not saved, {len(bad)} {name} tensors hold NaN/inf (first: "
+                             f"{bad[0]}); the previous checkpoint is kept")
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
     payload = dict(
         method=method,
@@ -1634,14 +1915,47 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
         optimizer=optimizer.state_dict() if optimizer is not None else None,
         rng=rng_state(generators),
         step=step,
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
         git=git_hash(),
         versions=versions(),
         **extra,
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    remove_stale_tmp(path.parent)  # what a save killed mid-write left behind
+    tmp = _tmp_path(path)
     torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path, obj, finite=None):
+    """Write obj as JSON through a temporary file and os.replace (never a truncated file).
+    Refuses (SystemExit, nothing written, an older file kept) when a number that must be finite
+    is NaN or inf: results from a run that diverged must not look like results. finite: the
+    dict keys whose values must be finite, at any depth (e.g. ("loss", "acc", "auc"), since a
+    rejection 1/eps_B is legitimately inf when no background passes); None: every number."""
+    path = Path(path)
+    obj = json.loads(json.dumps(obj, default=_json_number))  # numpy/torch scalars -> float
+    bad = []
+
+    def walk(value, where, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}" if where else str(k), k)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]", key)
+        elif isinstance(value, float) and not math.isfinite(value) and \
+                (finite is None or key in finite):
+            bad.append(f"{where} = {value}")
+
+    walk(obj, "", None)
+    if bad:
+        raise SystemExit(f"{path}: not written, {', '.join(bad[:4])}"
+                         f"{' ...' if len(bad) > 4 else ''} (the run diverged)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(path)
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
     os.replace(tmp, path)
 
 
@@ -1655,11 +1969,36 @@ def load_checkpoint(path, map_location="cpu"):
         raise SystemExit(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from e
 
 
-def resume_from(path, raw_model, optimizer=None, generators=None):
+# the arguments that fix a run's batches: resuming with other values would silently train on
+# other data (or skip it), so resume_from compares them with the checkpoint's
+RUN_ARGS = ("data", "n_jets", "n_max", "features", "batch_size", "seed", "classes")
+
+
+def resume_from(path, raw_model, optimizer=None, generators=None, args=None):
     """Restore weights, optimizer, every RNG and return the step to continue from. With the data
-    order derived from (seed, epoch) this continues the run bit for bit (on CPU)."""
+    order derived from (seed, epoch) this continues the run bit for bit (on CPU). Stops with a
+    SystemExit listing the differences when the model's parameters (names, shapes) differ from
+    the checkpoint's, or, given `args`, when a RUN_ARGS value or the number of processes does."""
     ckpt = load_checkpoint(path)
-    unwrap(raw_model).load_state_dict(ckpt["model"])
+    model = unwrap(raw_model)
+    have, saved = model.state_dict(), ckpt["model"]
+    diffs = [f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(have[k].shape)}"
+             for k in have if k in saved and saved[k].shape != have[k].shape]
+    diffs += [f"{k}: only in the model" for k in have if k not in saved]
+    diffs += [f"{k}: only in the checkpoint" for k in saved if k not in have]
+    if args is not None:
+        args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+        old = ckpt.get("args") or {}
+        diffs += [f"--{k.replace('_', '-')}: checkpoint {old[k]!r}, now {_plain(args[k])!r}"
+                  for k in RUN_ARGS if k in args and k in old and _plain(args[k]) != old[k]]
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if ckpt.get("world_size", world) != world:
+            diffs.append(f"processes: checkpoint {ckpt['world_size']}, now {world}")
+    if diffs:
+        shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+        raise SystemExit(f"--resume {path}: the checkpoint is from another run ({shown}); "
+                         "resume with the same settings, or start a new run")
+    model.load_state_dict(saved)
     if optimizer is not None and ckpt["optimizer"] is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"], generators)
@@ -1743,11 +2082,25 @@ def epoch_batches(data, batch_size, device, *, seed=0, epoch=0, shuffle=True, ra
 
 class JsonlLogger:
     """One JSON object per line (`out/<run>.jsonl`); appends, so a resumed run continues the file.
-    Only the master process should log."""
+    resume_step: the step a resumed run continues from; records of that step and later (logged
+    after the checkpoint by the interrupted run, and about to be logged again) are dropped from
+    the file first, atomically. Only the master process should log."""
 
-    def __init__(self, path):
+    def __init__(self, path, resume_step=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.is_file():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line cut by the kill
+                    continue
+                if not (isinstance(record, dict) and record.get("step", -1) >= resume_step):
+                    keep.append(line + "\n")
+            tmp = _tmp_path(self.path)
+            tmp.write_text("".join(keep))
+            os.replace(tmp, self.path)
 
     def log(self, record):
         with open(self.path, "a") as f:
@@ -1763,10 +2116,14 @@ def _json_number(value):
 
 def progress_bar(total_steps, jets_per_step, start_step=0, master=True, desc="train"):
     """tqdm bar counted in jets, so its rate reads jets/s; update with
-    bar.update(jets_per_step) and bar.set_postfix(loss=...). Silent on ranks other than 0."""
+    bar.update(jets_per_step) and bar.set_postfix(loss=...). Silent on ranks other than 0.
+    When the output is not a terminal (a log file, a batch job) it writes a line at most every
+    30 s instead of redrawing, so a log file holds a few lines, not thousands."""
     from tqdm import tqdm
+    tty = sys.stderr.isatty()
     return tqdm(total=total_steps * jets_per_step, initial=start_step * jets_per_step,
-                unit="jet", unit_scale=True, desc=desc, disable=not master, dynamic_ncols=True)
+                unit="jet", unit_scale=True, desc=desc, disable=not master, dynamic_ncols=tty,
+                mininterval=0.1 if tty else 30, maxinterval=10 if tty else 300)
 
 
 if __name__ == "__main__":

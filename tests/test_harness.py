@@ -2,7 +2,6 @@
 import argparse
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -203,8 +202,10 @@ def test_resume_is_bitwise_identical(tmp_path):
 
 
 def _ddp_worker(rank, world_size, port, out, data):
+    # every rank joins the parent's store as a client (as under torchrun's agent store)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     s = common.setup(argparse.Namespace(device="cpu", seed=0, compile=False))
     torch.manual_seed(rank)                         # different init per rank: DDP must broadcast
@@ -225,11 +226,16 @@ def _ddp_worker(rank, world_size, port, out, data):
 
 def test_ddp_gloo_two_processes(tmp_path):
     import torch.multiprocessing as mp
+    from datetime import timedelta
+
+    import torch.distributed as dist
     data = toy_data(n=24)                           # 3 steps of 2 x 4 jets per epoch
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, tmp_path, data), nprocs=2, join=True)
+    # the rendezvous store listens on a port the OS picks and holds it for the whole test: a
+    # port found free, released and then bound by a worker could be taken in between
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=60))
+    mp.spawn(_ddp_worker, args=(2, store.port, tmp_path, data), nprocs=2, join=True)
+    del store
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     per_epoch = len(r0["seen"]) // 2
     for e in range(2):                              # each epoch: disjoint shards covering all
