@@ -393,7 +393,11 @@ def test_n_jets_zero_and_empty_trees(tmp_path):
         common.load_jets("pythia", tmp_path / "e")
     write_jetclass(tmp_path / "e/train/ZJetsToNuNu_000.root", random_jets(5, 0), "QCD")
     assert len(common.load_jets("pythia", tmp_path / "e")) == 5     # the empty file is skipped
-    assert list(common.iter_jets("pythia", tmp_path / "e", classes=["Tbqq"])) == []
+    s = common.JetStream("pythia", path=tmp_path / "e", batch_size=2, n_max=8)
+    assert sorted(s.counts) == [0, 5] and len(s) == 2               # the empty file: no units
+    assert sum(len(b["y"]) for b in common.loader(s, torch.device("cpu"))) == 4
+    with pytest.raises(SystemExit, match="fewer than one step"):
+        common.JetStream("pythia", path=tmp_path / "e", classes=["Tbqq"], batch_size=2)
 
 
 # --- 8. resume checks the run --------------------------------------------------------------------
