@@ -129,10 +129,12 @@ class Chunk:
         the per-jet arrays. length must be >= the longest jet."""
         N, F = len(self.n), self.x.shape[-1]
         valid = np.arange(length)[None, :] < self.n[:, None]
-        x = np.zeros((N, length, F), dtype=np.float32)
-        p4 = np.zeros((N, length, 4), dtype=np.float32)
-        x[valid], p4[valid] = self.x, self.p4
-        return dict(x=x, p4=p4, valid=valid, **self.per_jet)
+        slot = np.flatnonzero(valid)  # row-major: jet by jet, particle by particle, as x is
+        x = np.zeros((N * length, F), dtype=np.float32)
+        p4 = np.zeros((N * length, 4), dtype=np.float32)
+        x[slot], p4[slot] = self.x, self.p4
+        return dict(x=x.reshape(N, length, F), p4=p4.reshape(N, length, 4), valid=valid,
+                    **self.per_jet)
 
     def to_jets(self, n_max):
         b = self.pad(n_max)
@@ -839,14 +841,19 @@ class JetStream(torch.utils.data.IterableDataset):
             nonlocal made
             idx = rng.permutation(len(buf)) if self.shuffle else np.arange(len(buf))
             k = len(buf) if final else (len(buf) - keep) // B * B
-            out = []
+            out, rest = buf.take(idx[:k]), buf.take(idx[k:])  # one copy; batches are slices
+            ends = np.concatenate([[0], np.cumsum(out.n)])
+            batches = []
             for a in range(0, k, B):
-                if a + B > k and self.drop_last:
+                b = min(a + B, k)
+                if b - a < B and self.drop_last:
                     break
                 made += 1
                 if made > skip:  # skipped batches (resume) are read and drawn, never padded
-                    out.append(self._collate(buf.take(idx[a:a + B])))
-            return out, buf.take(idx[k:])
+                    batches.append(self._collate(Chunk(
+                        out.x[ends[a]:ends[b]], out.p4[ends[a]:ends[b]], out.n[a:b],
+                        {name: v[a:b] for name, v in out.per_jet.items()})))
+            return batches, rest
 
         buf, pending, size = [], [], 0
         for chunk in self._reads(self.units(self.epoch), lo, hi, drops):
