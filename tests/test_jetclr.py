@@ -208,8 +208,9 @@ def test_nt_xent_equals_naive_loop():
         num = math.exp(float(z[i] @ z[(i + 5) % 10]) / t)
         den = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(10) if k != i)
         total += -math.log(num / den)
-    assert jetclr.nt_xent(z1, z2, t).item() == pytest.approx(total / 10, rel=1e-5)
-    assert jetclr.nt_xent_global(torch.cat([z1, z2]), t).item() == pytest.approx(total / 10, rel=1e-5)
+    assert jetclr.nt_xent(torch.cat([z1, z2]), t).item() == pytest.approx(total / 10, rel=1e-5)
+    # without a process group, gathering is a no-op
+    assert jetclr.nt_xent(torch.cat([z1, z2]), t, gather=True).item() == pytest.approx(total / 10, rel=1e-5)
 
 
 def _ddp_rank(rank, world, init, x, out):
@@ -222,7 +223,7 @@ def _ddp_rank(rank, world, init, x, out):
     n = len(x) // 2 // world  # jets per rank; x = [view 1 of all jets; view 2 of all jets]
     v1, v2 = x.chunk(2)
     model = DDP(lin)  # held: its gradient hooks must outlive the forward
-    loss = jetclr.nt_xent_global(model(torch.cat([v1[rank * n:][:n], v2[rank * n:][:n]])), 0.1)
+    loss = jetclr.nt_xent(model(torch.cat([v1[rank * n:][:n], v2[rank * n:][:n]])), 0.1, gather=True)
     (loss * world).backward()  # as train() does
     out.put((rank, loss.item(), lin.weight.grad.numpy().copy()))
     dist.destroy_process_group()
@@ -235,9 +236,9 @@ def test_nt_xent_negatives_span_all_ranks(tmp_path):
     x = torch.randn(12, 4, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 3)
-    ref = jetclr.nt_xent(*lin(x).chunk(2), 0.1)
+    ref = jetclr.nt_xent(lin(x), 0.1)
     ref.backward()
-    local = jetclr.nt_xent(*lin(torch.cat([x[:3], x[6:9]])).chunk(2), 0.1)
+    local = jetclr.nt_xent(lin(torch.cat([x[:3], x[6:9]])), 0.1)
     assert abs(local.item() - ref.item()) > 1e-3  # per-rank negatives would be another task
     ctx = mp.get_context("fork")
     out = ctx.Queue()
@@ -288,7 +289,7 @@ def test_tiny_model_overfits_one_batch():
     views = jetclr.two_views(p4, valid, torch.Generator().manual_seed(0), args)
     losses = []
     for _ in range(60):
-        loss = jetclr.nt_xent(*model(*views)[1].chunk(2), 0.1)
+        loss = jetclr.nt_xent(model(*views), 0.1)
         opt.zero_grad()
         loss.backward()
         opt.step()
