@@ -202,15 +202,15 @@ def test_nt_xent_equals_naive_loop():
     z1, z2 = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
     t = 0.1
     z = torch.cat([z1, z2])
-    z = z / z.norm(dim=1, keepdim=True)
+    zn = z / z.norm(dim=1, keepdim=True)
     total = 0.0
     for i in range(10):
-        num = math.exp(float(z[i] @ z[(i + 5) % 10]) / t)
-        den = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(10) if k != i)
+        num = math.exp(float(zn[i] @ zn[(i + 5) % 10]) / t)
+        den = sum(math.exp(float(zn[i] @ zn[k]) / t) for k in range(10) if k != i)
         total += -math.log(num / den)
-    assert jetclr.nt_xent(torch.cat([z1, z2]), t).item() == pytest.approx(total / 10, rel=1e-5)
+    assert jetclr.nt_xent(z, t).item() == pytest.approx(total / 10, rel=1e-5)
     # without a process group, gathering is a no-op
-    assert jetclr.nt_xent(torch.cat([z1, z2]), t, gather=True).item() == pytest.approx(total / 10, rel=1e-5)
+    assert jetclr.nt_xent(z, t, gather=True).item() == pytest.approx(total / 10, rel=1e-5)
 
 
 def _ddp_rank(rank, world, init, x, out):
@@ -223,7 +223,8 @@ def _ddp_rank(rank, world, init, x, out):
     n = len(x) // 2 // world  # jets per rank; x = [view 1 of all jets; view 2 of all jets]
     v1, v2 = x.chunk(2)
     model = DDP(lin)  # held: its gradient hooks must outlive the forward
-    loss = jetclr.nt_xent(model(torch.cat([v1[rank * n:][:n], v2[rank * n:][:n]])), 0.1, gather=True)
+    mine = torch.cat([v1[rank * n:][:n], v2[rank * n:][:n]])  # this rank's jets, both views
+    loss = jetclr.nt_xent(model(mine), 0.1, gather=True)
     (loss * world).backward()  # as train() does
     out.put((rank, loss.item(), lin.weight.grad.numpy().copy()))
     dist.destroy_process_group()
@@ -339,7 +340,8 @@ def test_validation_with_fewer_jets_than_a_batch_uses_them_all(tiny_args, capsys
     assert "step 4/4 (epoch 0): val loss" in out and "over 20 val jets" in out
 
 
-def test_tiny_run_learns_and_reports_lct_fitted_on_train_scored_on_val(tiny_args, monkeypatch, capsys):
+def test_tiny_run_learns_and_reports_lct_fitted_on_train_scored_on_val(tiny_args, monkeypatch,
+                                                                        capsys):
     splits = []
     embed = common.embed_stream
 
