@@ -302,6 +302,8 @@ def test_ddp_ranks_draw_their_own_masks_after_resume(tmp_path):
             p.start()
         for p in procs:
             p.join(120)
+            if p.is_alive():                                       # hung: leave nothing behind
+                p.kill()
         assert [p.exitcode for p in procs] == [0, 0]
         masks[run] = [torch.load(tmp_path / run / f"masks{r}.pt") for r in (0, 1)]
     for r in (0, 1):
