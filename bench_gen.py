@@ -162,7 +162,7 @@ def plot(path, true, fake, control, names):
     fig, axes = plt.subplots(1, len(show), figsize=(4 * len(show), 3.2))
     for ax, f in zip(axes, show):
         lo, hi = np.quantile(true[:, f].numpy(), [0.005, 0.995])
-        kw = dict(bins=40, range=(lo, hi), histtype="step", density=True)
+        kw = dict(bins=40, range=(lo, hi) if hi > lo else None, histtype="step", density=True)
         for x, label in ((true, "true"), (fake, "sampled"), (control, "another jet's context")):
             ax.hist(x[:, f].numpy(), label=label, **kw)
         ax.set_xlabel(names[f])

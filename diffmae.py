@@ -14,15 +14,15 @@ visible particle, and E_jet minus the visible energy is the hidden particles' to
 absolute logs would not close this shortcut (1 - the visible pT fractions), dropping the relative
 ones does, as in MPM v2: the encoder input leaves out logptrel, logerel (`--drop-features`). The
 target keeps every feature, standardised with a bounded training sample's mean/std (raw stds run
-from 0.04 to 1.2: against unit noise the angles would barely train). `--features auto`: "kin" on
+from 0.04 to 1.2: against unit noise the angles would barely train). `--features auto` = "kin" on
 Top Tagging (no ID / impact parameters there), else "full".
 
 `--preset paper`, the talk's recipe as far as published: mask 12.5%, one token predicted, all inputs,
 1000-step cosine diffusion, MAR's AdamW (betas 0.9/0.95, wd 0.02, clip 3, constant lr), `--size 8m`
 (or 1m, 47m: head dim 32, 2 KV groups); lr, steps, batch unpublished. The talk's JetClass accuracy,
-pretrained + fine-tuned vs scratch: 1m 83.2 vs 82.3%, 8m 84.9 vs 83.5%, 47m 85.2 vs 84.2%.
-Deviations: 17 "full" features, not the talk's 21 (+ the raw four-vector); fixed-variance DDPM (MAR
-learns it); no u-muP (`unit-scaling` lacks GQA, cross-attention, padding masks) nor schedule-free.
+pretrained + fine-tuned vs scratch: 1m 83.2 vs 82.3%, 8m 84.9 vs 83.5%, 47m 85.2 vs 84.2%. Not
+done: the talk's 21 features (ours: 17, without the raw four-vector), MAR's learned variance, u-muP
+(`unit-scaling` lacks GQA, cross-attention and padding masks), schedule-free AdamW.
 
 GPU:  python diffmae.py --data jetclass --preset paper --steps 100000 --batch-size 512 --workers 8
 CPU:  OMP_NUM_THREADS=1 python diffmae.py --size 1m --n-jets 1000 --epochs 1 --batch-size 64 --n-max 64
@@ -70,7 +70,8 @@ def get_args(argv=None):
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=list(PRESETS), help="a named recipe; explicit flags override it")
     g.add_argument("--size", default="1m", choices=list(SIZES), help="encoder/decoder/MLP size")
-    g.add_argument("--features", choices=["auto", "full", "kin"], default="auto", help="auto: kin on toptagging")
+    g.add_argument("--features", choices=["auto", "full", "kin"], default="auto",
+                   help="auto: kin on toptagging (no ID, impact parameters), else full")
     g.add_argument("--drop-features", default="logptrel,logerel", help="features kept from the encoder")
     g.add_argument("--feature-mix", action="store_true", help="each decoder block reads a mix of all layers")
     g = p.add_argument_group("masking and loss")
@@ -125,8 +126,7 @@ class Block(nn.Module):
 
 
 def key_mask(valid):
-    """(B, N) bool -> (B, 1, 1, N), True = attend; an all-padded row attends to its (zero) first slot,
-    as a softmax over no keys gives NaN."""
+    """(B, N) bool -> (B, 1, 1, N), True = attend; an all-padded row keeps slot 0 (softmax of nothing: NaN)."""
     first = torch.arange(valid.shape[1], device=valid.device) == 0
     return (valid | (first & ~valid.any(1, keepdim=True)))[:, None, None, :]
 
@@ -274,8 +274,7 @@ def diffusion_loss(net, x0, z, valid, t, noise, alpha_bar):
         ab = alpha_bar[t][..., None]                                                  # (B, P, M, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         err = ((net(xt, t, z) - noise) ** 2).mean(-1)                                  # (B, P, M)
-        w = valid[..., None].float().expand_as(err)
-        return (err * w).sum() / w.sum().clamp(min=1)
+        return (err * valid[..., None]).sum() / (valid.sum() * err.shape[-1]).clamp(min=1)
 
 
 class DiffMAE(nn.Module):
@@ -314,9 +313,8 @@ def make_batch(x, valid, args, device, *keys):
     mask_gen, noise_gen = (common.generator(args.seed, kind, *keys) for kind in ("masks", "noise"))
     vis_idx, vis_valid, pred_idx, pred_valid = make_masks(valid, args.mask_ratio, args.pred_ratio, mask_gen)
     take = lambda i: x.gather(1, i[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
-    B, P = pred_idx.shape
-    t = torch.randint(0, args.diff_steps, (B, P, args.diff_mul), generator=noise_gen)
-    noise = torch.randn(B, P, args.diff_mul, x.shape[-1], generator=noise_gen)
+    t = torch.randint(0, args.diff_steps, (*pred_idx.shape, args.diff_mul), generator=noise_gen)     # (B, P, M)
+    noise = torch.randn(*pred_idx.shape, args.diff_mul, x.shape[-1], generator=noise_gen)        # (B, P, M, F)
     batch = dict(x_vis=take(vis_idx), vis_valid=vis_valid, x_pred=take(pred_idx), pred_rank=pred_idx,
                  pred_valid=pred_valid, t=t, noise=noise)
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -336,11 +334,9 @@ def evaluate(model, stream, args, s):
 
 # --- training ------------------------------------------------------------------------------------------
 def encoder_config(args):
-    depth, dim, heads, kv_heads, *_ = SIZES[args.size]
-    names = common.FEATURE_NAMES[args.features]
-    cols = [i for i, f in enumerate(names) if f not in args.drop_features.split(",")]
-    return dict(features=args.features, in_dim=len(names), input_cols=cols, dim=dim, depth=depth,
-                heads=heads, kv_heads=kv_heads)
+    (depth, dim, heads, kv_heads, *_), names = SIZES[args.size], common.FEATURE_NAMES[args.features]
+    return dict(features=args.features, in_dim=len(names), dim=dim, depth=depth, heads=heads, kv_heads=kv_heads,
+                input_cols=[i for i, f in enumerate(names) if f not in args.drop_features.split(",")])
 
 
 def train(args):
