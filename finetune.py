@@ -16,14 +16,15 @@ fraction --signal-frac of signal; CWoLa, arXiv 1708.02949) and is scored on the 
 Data (every split goes through common.JetStream; no split is ever held whole):
 - labelled training jets: --n-labels N, or --label-frac f of the training jets (counted from the
   files' metadata, after --n-jets). Up to MAX_IN_MEMORY labels are drawn for each seed from a
-  pool of at most that many jets held in memory (stratified: every --seeds run trains on its own
-  subset). Larger label sets stream from the files: the first N / n_files jets of every class
+  pool of 10 N jets (at most MAX_IN_MEMORY) held in memory, stratified: every --seeds run trains
+  on its own subset. Larger label sets stream from the files: the first N / n_files jets of every class
   file, the same jets for every seed (only the order and the initial weights change). CWoLa's
   two mixtures are built in memory (at most MAX_IN_MEMORY jets per split).
 - validation and test stream from the files, every jet in order (--n-eval caps them).
 - --min-subjets N keeps only jets with >= N non-empty C/A R=0.2 subjets (J-JEPA's evaluation
   selection), clustered in the loader workers: the other jets weigh 0 in the loss and are left
-  out of every metric and of test_repr.npz (exact: no jet sees another in the encoder or head).
+  out of every metric and of test_repr.npz (what they hold cannot change a number: no jet sees
+  another in the encoder or the head). --n-labels counts jets before the selection.
 The step (each epoch, or every --eval-every steps) is chosen on validation; the test split only
 gives the reported numbers: accuracy, AUC and background rejection 1/eps_B at eps_S = 0.5 and
 0.3 (multi-class: accuracy and one-vs-QCD AUCs), mean +- std over --seeds runs.
