@@ -470,7 +470,7 @@ def run_seed(args, s, seed, spec, data, log, n_repr=0):
     history, best, best_state, frozen = [], -np.inf, None, None  # frozen: set by the first step
     bar = common.progress_bar(total, train.batch_size, desc=f"seed {seed}")
     loss_sum, n_loss, t0 = 0.0, 0, time.time()
-    for step, epoch, batch in common.train_batches(train, s.device, args.epochs, steps=args.steps):
+    for step, _, batch in common.train_batches(train, s.device, args.epochs, steps=args.steps):
         lr = common.lr_at(step, total, warmup, args.lr)
         b_lr = backbone_lr(step, lr, args)
         if frozen != (b_lr == 0.0):
@@ -484,12 +484,12 @@ def run_seed(args, s, seed, spec, data, log, n_repr=0):
         with s.ctx:
             logits, _ = model(inputs(batch), backbone_grad=not frozen)
         loss = selected_loss(logits, batch["label"], batch["keep"], args.label_smoothing)
-        common.check_finite(loss, step, train.describe(batch["source"][0]))
-        # 2. backward + step
+        # 2. backward + step; a non-finite loss stops the run here, naming the step and file
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
             nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        common.check_finite(loss, step, train.describe(batch["source"][0]))
         optimizer.step()
         t1 = time.time()
         dt, t0 = t1 - t0, t1

@@ -119,8 +119,9 @@ def test_epochs_to_converge():
 
 def test_labels_in_memory_differ_by_seed_streamed_are_fixed(tiny_pythia, tiny_ckpt, tmp_path,
                                                             monkeypatch):
-    args = get_args(["--ckpt", tiny_ckpt, "--n-labels", 30, *flags(tiny_pythia, tmp_path),
-                     "--batch-size", 10])                            # 3 steps read all 30
+    argv = ["--ckpt", tiny_ckpt, "--n-labels", 30, *flags(tiny_pythia, tmp_path),
+            "--batch-size", 10]                                      # 3 steps read all 30
+    args = get_args(argv)
     spec = finetune.load_spec(args)
 
     def epoch(data, seed):  # the training stream, and (file, entry, label) of an epoch's jets
@@ -144,6 +145,8 @@ def test_labels_in_memory_differ_by_seed_streamed_are_fixed(tiny_pythia, tiny_ck
     assert len(a) == 30
     results = finetune.main(args)
     assert results["labels"] == "stream" and results["n_train"] == 30
+    workers = finetune.main(get_args(argv + ["--workers", 1]))
+    assert workers["per_seed"] == results["per_seed"]               # loader workers: same batches
 
 
 def test_scratch_size_without_ckpt(tiny_pythia, tmp_path, monkeypatch):
