@@ -150,7 +150,8 @@ def get_args(argv=None):
                    help="cwola: fraction of signal jets in the second mixed sample")
     g.add_argument("--min-subjets", type=_number(int, lambda v: 0 <= v <= 20, "an integer in [0, 20]"),
                    default=0, help="use only jets with at least this many non-empty C/A R=0.2 "
-                                   "subjets (J-JEPA evaluates on >= 10); 0: every jet")
+                                   "subjets of their --n-max particles (J-JEPA evaluates on "
+                                   ">= 10); 0: every jet")
     g.add_argument("--log-every", type=positive_int, default=50,
                    help="print the loss, lr and step time every this many steps")
     g.add_argument("--name", default=None,
@@ -611,12 +612,12 @@ def main(args, splits=None):
         n_labels=data["n_labels"], labels="memory" if data["pool"] is not None else "stream",
         n_train=runs[0]["n_train"], n_val=runs[0]["n_val"], n_test=len(runs[0]["labels"]),
         steps=runs[0]["steps"], warmup=runs[0]["warmup"],
-        seeds=seeds, args={k: common._plain(v) for k, v in vars(args).items()},
+        seeds=seeds, args=vars(args),
         mean=_finite(mean), std=_finite(std), per_seed=[_finite(r) for r in per_seed],
         history=[r["history"] for r in runs],
         epochs_to_converge=[epochs_to_converge(r["history"]) for r in runs],
         git=common.git_hash(), versions=common.versions())
-    text = json.dumps(results, indent=1, allow_nan=False)
+    text = json.dumps(results, indent=1, allow_nan=False, default=str)  # default: Path
     with open(out / "test_repr.npz.tmp", "wb") as f:
         np.savez(f, z=runs[0]["z"], y=runs[0]["labels"][:len(runs[0]["z"])])
     os.replace(out / "test_repr.npz.tmp", out / "test_repr.npz")
