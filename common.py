@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -2013,30 +2012,21 @@ def resume_from(path, raw_model, optimizer=None, generators=None, args=None):
 
 
 # --- building encoders from checkpoints ---------------------------------------------------------
+# A checkpoint records its `method` and `encoder_config`. Each method script rebuilds its own
+# encoder with `build_encoder(cfg)` and `encoder_inputs(batch, cfg)` (plus `batch_transform(cfg)`
+# for inputs made in the loader workers); finetune.py and study.py import the scripts by name,
+# common.py never imports them. These two are the same pair for the shared ParT-lite encoder
+# (methods "part", "scratch", "supervised"), so a method whose encoder is this one can reuse them.
 
 
-def build_encoder(method, cfg):
-    """The encoder a checkpoint's `method` trained, from its stored config dict. The shared
-    ParT-lite encoder for "part"/"scratch"/None; otherwise the method script's own
-    `build_encoder(cfg)` (e.g. jjepa.py's subjet encoder)."""
-    if method in (None, "part", "scratch", "supervised"):
-        return Encoder(EncoderConfig(**cfg))
-    try:
-        module = importlib.import_module(method)
-    except ImportError as e:
-        raise SystemExit(f"checkpoint method {method!r}: cannot import {method}.py ({e}); run "
-                         "from the repository folder") from e
-    return module.build_encoder(cfg)
+def build_encoder(cfg):
+    """The shared ParT-lite encoder from its config dict (a checkpoint's `encoder_config`)."""
+    return Encoder(EncoderConfig(**cfg))
 
 
-def encoder_inputs(method, jets, cfg):
-    """Numpy arrays the encoder's forward(**inputs) takes, one row per jet. Methods whose encoder
-    reads more than particles (e.g. subjets) define `encoder_inputs(jets, cfg)` themselves."""
-    if method not in (None, "part", "scratch", "supervised"):
-        module = importlib.import_module(method)
-        if hasattr(module, "encoder_inputs"):
-            return module.encoder_inputs(jets, cfg)
-    return dict(x=jets.x, valid=jets.valid, p4=jets.p4)
+def encoder_inputs(batch, cfg=None):
+    """Its forward arguments from a stream batch (dict of tensors on the device)."""
+    return dict(x=batch["x"], valid=batch["valid"], p4=batch["p4"])
 
 
 # --- batches ------------------------------------------------------------------------------------

@@ -1,36 +1,67 @@
 """finetune.py: measure what a pretrained jet encoder is worth on labelled jets.
 
-Loads the encoder of any method's checkpoint (rebuilt from the method name and encoder config
-stored in it), puts a small head on top and trains on the training split:
+Loads the encoder of any method's checkpoint (rebuilt by that method's `build_encoder` from the
+config stored in it), puts a small head on top and trains it on labelled training jets:
   --mode probe      the encoder is frozen (eval mode, no gradients): only the head learns.
   --mode finetune   everything learns; with --schedule frozen-then-unfrozen the backbone is
                     frozen for --freeze-steps, then joins at lr 1e-8 ramping linearly to the
                     head's lr over --ramp-steps (MPM v2, arXiv 2409.12589).
   --scratch         the same architecture from random weights: the supervised baseline. Without
-                    --ckpt it is the shared ParT-lite encoder of --preset (small or part).
+                    --ckpt it is the shared ParT-lite encoder of --size (small or part).
 Heads: linear / mlp on the encoder's jet vector, mean (average of the valid tokens + linear),
 flatten (all token slots + linear), cls-attn (two class-attention blocks reading the tokens).
 --task cwola trains on two mixed samples labelled only by sample (pure QCD vs QCD plus a
 fraction --signal-frac of signal; CWoLa, arXiv 1708.02949) and is scored on the true labels.
 
-The epoch (or --eval-every step) is chosen on the validation split; the test split is used only
-for the reported numbers: accuracy, AUC and background rejection 1/eps_B at eps_S = 0.5 and 0.3
-(multi-class: accuracy and one-vs-QCD AUCs), mean +- std over --seeds runs. Writes
-<out>/<name>/results.json, roc.png (every seed) and log.jsonl.
+Data (every split goes through common.JetStream; no split is ever held whole):
+- labelled training jets: --n-labels N, or --label-frac f of the training jets (counted from the
+  files' metadata, after --n-jets). Up to MAX_IN_MEMORY labels are drawn for each seed from a
+  pool of 10 N jets (at most MAX_IN_MEMORY) held in memory, stratified: every --seeds run trains
+  on its own subset. Larger label sets stream from the files: the first N / n_files jets of every class
+  file, the same jets for every seed (only the order and the initial weights change). CWoLa's
+  two mixtures are built in memory (at most MAX_IN_MEMORY jets per split).
+- validation and test stream from the files, every jet in order (--n-eval caps them).
+- --min-subjets N keeps only jets with >= N non-empty C/A R=0.2 subjets (J-JEPA's evaluation
+  selection), clustered in the loader workers: the other jets weigh 0 in the loss and are left
+  out of every metric and of test_repr.npz (what they hold cannot change a number: no jet sees
+  another in the encoder or the head). --n-labels counts jets before the selection.
+The step (each epoch, or every --eval-every steps) is chosen on validation; the test split only
+gives the reported numbers: accuracy, AUC and background rejection 1/eps_B at eps_S = 0.5 and
+0.3 (multi-class: accuracy and one-vs-QCD AUCs), mean +- std over --seeds runs.
+
+Writes, under <out>/<name>/: log.jsonl (one line per validation), roc.png (every seed),
+test_repr.npz (z: the encoder's jet vectors (N, C) of the first N_REPR selected test jets, first
+seed, the chosen weights; y: their labels) and, last, results.json:
+  name, method, ckpt, task, classes (names, label k = classes[k]), n_labels (labelled jets
+  asked for), labels ("memory": a subset per seed | "stream": the same for every seed), n_train
+  (training jets per epoch), n_val, n_test (jets scored, after --min-subjets), steps, warmup,
+  seeds, args, git, versions;
+  per_seed: [{acc, auc, rej50, rej30 (multi-class also auc_<class>, rej50_<class>, ...)}],
+  mean / std: the same keys over seeds; a value that is infinite or undefined on the test set
+  (1/eps_B when no background jet passes, the std beside it) is null;
+  history: per seed, [{epoch, step, val_acc, val_auc, train_loss}] one per validation (epoch =
+  steps / steps per epoch);
+  epochs_to_converge: per seed, the epoch of the first validation whose accuracy is within 1%
+  (relative) of the last validation's (the JetCLR scaling study's convergence measure).
+A loss that goes NaN/inf stops the run (naming the step and the batch's file) with a non-zero
+exit, and nothing is written.
 
     python finetune.py --ckpt out/mpm.pt --mode probe --head linear
     python finetune.py --ckpt out/mpm.pt --mode finetune --head cls-attn --label-frac 0.1 --seeds 3
-    python finetune.py --scratch --preset part --mode finetune --data toptagging --seeds 3
-    python finetune.py --ckpt out/mpm.pt --task cwola --signal-frac 0.05 --mode finetune
+    python finetune.py --scratch --size part --mode finetune --data toptagging --seeds 3
+    python finetune.py --ckpt out/jjepa.pt --min-subjets 10 --head mean
+    python finetune.py --ckpt out/mpm.pt --task cwola --signal-frac 0.05 --n-labels 20000
 Tiny CPU run: python finetune.py --scratch --mode finetune --n-jets 1000 --epochs 2 --device cpu
 """
 import argparse
 import copy
 import dataclasses
-import importlib
+import functools
 import json
+import math
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +70,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+import diffmae
+import jetclr
+import jjepa
+import mpm
+
+# checkpoints this file reads: method -> the script defining build_encoder(cfg),
+# encoder_inputs(batch, cfg) and batch_transform(cfg); the shared encoder's pair is in common
+METHODS = {"jjepa": jjepa, "jetclr": jetclr, "mpm": mpm, "diffmae": diffmae}
+SHARED = ("part", "scratch", "supervised")
+MAX_IN_MEMORY = 20_000  # labelled jets held in memory (~115 MB at --n-max 128, "kin"); more stream
+N_REPR = 5000           # test jets whose encoder vectors go to test_repr.npz
 
 # --- config -----------------------------------------------------------------------------------
+
+
+def _number(kind, ok, what):
+    """An argparse type: a bad value is a one-line usage error naming the flag."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+unit = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def get_args(argv=None):
@@ -52,11 +113,11 @@ def get_args(argv=None):
                         "config rebuild the encoder)")
     g.add_argument("--scratch", action="store_true",
                    help="random initialisation instead of the checkpoint's weights (the "
-                        "checkpoint's architecture, or --preset without --ckpt)")
-    g.add_argument("--preset", choices=sorted(common.ENCODER_PRESETS), default="small",
+                        "checkpoint's architecture, or --size without --ckpt)")
+    g.add_argument("--size", choices=sorted(common.ENCODER_PRESETS), default="small",
                    help="ParT-lite encoder size for --scratch without --ckpt (part = ParT's size)")
     g.add_argument("--features", choices=["kin", "full"], default=None,
-                   help="particle features (default: the checkpoint's; kin for --scratch)")
+                   help="particle features (None: the checkpoint's; kin for --scratch)")
     g = p.add_argument_group("how")
     g.add_argument("--mode", choices=["probe", "finetune"], default="probe",
                    help="probe: frozen encoder, only the head trains; finetune: all weights train")
@@ -64,43 +125,48 @@ def get_args(argv=None):
                    default="linear",
                    help="linear/mlp: on the jet vector; mean: average of the valid tokens + linear;"
                         " flatten: all token slots + linear; cls-attn: 2 class-attention blocks")
-    g.add_argument("--head-hidden", type=int, default=128, help="hidden width of the mlp head")
+    g.add_argument("--head-hidden", type=positive_int, default=128,
+                   help="hidden width of the mlp head")
     labels = g.add_mutually_exclusive_group()
-    labels.add_argument("--label-frac", type=float, default=1.0,
+    labels.add_argument("--label-frac", type=fraction, default=1.0,
                         help="fraction of the training jets whose labels are used (stratified)")
-    labels.add_argument("--n-labels", type=int, default=None,
+    labels.add_argument("--n-labels", type=positive_int, default=None,
                         help="number of labelled training jets (stratified), instead of a fraction")
-    g.add_argument("--seeds", type=int, default=1,
+    g.add_argument("--seeds", type=positive_int, default=1,
                    help="independent runs (seed, seed+1, ...): label subset, head init, data order")
-    g.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="cross-entropy label smoothing (MPM v2 used 0.1)")
+    g.add_argument("--label-smoothing", type=_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                   default=0.0, help="cross-entropy label smoothing (MPM v2 used 0.1)")
     g.add_argument("--schedule", choices=["constant", "frozen-then-unfrozen"], default="constant",
                    help="finetune: train the backbone from the start, or freeze it first")
-    g.add_argument("--freeze-steps", type=int, default=100,
+    g.add_argument("--freeze-steps", type=nonneg_int, default=100,
                    help="frozen-then-unfrozen: steps with the backbone frozen (MPM v2: 5000, or "
                         "100 for <= 1000 jets)")
-    g.add_argument("--ramp-steps", type=int, default=100,
+    g.add_argument("--ramp-steps", type=nonneg_int, default=100,
                    help="frozen-then-unfrozen: steps over which the backbone lr ramps from 1e-8 "
                         "to the head's")
     g.add_argument("--task", choices=["supervised", "cwola"], default="supervised",
                    help="cwola: learn from two mixed samples labelled by sample only")
-    g.add_argument("--signal-frac", type=float, default=None,
+    g.add_argument("--signal-frac", type=unit, default=None,
                    help="cwola: fraction of signal jets in the second mixed sample")
+    g.add_argument("--min-subjets", type=_number(int, lambda v: 0 <= v <= 20, "an integer in [0, 20]"),
+                   default=0, help="use only jets with at least this many non-empty C/A R=0.2 "
+                                   "subjets of their --n-max particles (J-JEPA evaluates on "
+                                   ">= 10); 0: every jet")
+    g.add_argument("--log-every", type=positive_int, default=50,
+                   help="print the loss, lr and step time every this many steps")
     g.add_argument("--name", default=None,
-                   help="results folder under --out (default: built from method, mode, head, labels)")
+                   help="results folder under --out (None: built from method, mode, head, labels)")
     common.add_common_args(p, skip=("resume",))
-    p.set_defaults(epochs=20, batch_size=256, lr=1e-3, weight_decay=0.01, warmup=100)
+    p.set_defaults(epochs=20, batch_size=256, lr=1e-3, weight_decay=0.01)
     args = p.parse_args(argv)
+    if args.epochs < 1:  # until common's shared flags carry argparse types
+        p.error(f"argument --epochs: {args.epochs} is not a positive integer")
     if args.ckpt is None and not args.scratch:
-        p.error("give --ckpt (a pretrained encoder) or --scratch (random init of --preset)")
+        p.error("give --ckpt (a pretrained encoder) or --scratch (random init of --size)")
     if args.task == "cwola" and args.signal_frac is None:
         p.error("--task cwola needs --signal-frac S (fraction of signal in the mixed sample)")
     if args.task != "cwola" and args.signal_frac is not None:
         p.error("--signal-frac is used only with --task cwola")
-    if args.signal_frac is not None and not 0.0 <= args.signal_frac <= 1.0:
-        p.error(f"--signal-frac must be in [0, 1], got {args.signal_frac}")
-    if not 0.0 < args.label_frac <= 1.0:
-        p.error(f"--label-frac must be in (0, 1], got {args.label_frac}")
     if args.schedule != "constant" and args.mode != "finetune":
         p.error("--schedule frozen-then-unfrozen needs --mode finetune")
     return args
@@ -140,7 +206,8 @@ def cwola_mixture(y, signal_frac, rng):
 
 
 class Classifier(nn.Module):
-    """encoder(**inputs) -> (tokens (B, N, C), valid (B, N), jet (B, C)) -> head -> logits (B, K)."""
+    """encoder(**inputs) -> (tokens (B, N, C), valid (B, N), jet (B, C)) -> head -> logits (B, K).
+    forward returns (logits, jet): the jet vector is what test_repr.npz keeps."""
 
     def __init__(self, encoder, head, n_classes, dim_tokens, dim_jet, n_tokens, hidden=128):
         super().__init__()
@@ -152,7 +219,7 @@ class Classifier(nn.Module):
                                       nn.Linear(hidden, n_classes))
         elif head == "mean":
             self.head = nn.Linear(dim_tokens, n_classes)
-        elif head == "flatten":  # one weight per token slot: needs a fixed number of slots
+        elif head == "flatten":  # one weight per token slot: batches keep every slot (pad n_max)
             self.head = nn.Linear(n_tokens * dim_tokens, n_classes)
         elif head == "cls-attn":  # ParT's class attention, as the MPM v2 fine-tuning head
             heads = next(h for h in (8, 4, 2, 1) if dim_tokens % h == 0)
@@ -169,21 +236,21 @@ class Classifier(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and backbone_grad):
             tokens, valid, jet = self.encoder(**inputs)
         if self.kind in ("linear", "mlp"):
-            return self.head(jet)
+            return self.head(jet), jet
         tokens = tokens * valid[..., None]                                       # (B, N, C)
         if self.kind == "mean":
             pooled = tokens.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)     # (B, C)
-            return self.head(pooled)
-        if self.kind == "flatten":  # batches are trimmed: pad back to every slot
+            return self.head(pooled), jet
+        if self.kind == "flatten":
             tokens = F.pad(tokens, (0, 0, 0, self.n_tokens - tokens.shape[1]))   # (B, S, C)
-            return self.head(tokens.flatten(1))
+            return self.head(tokens.flatten(1)), jet
         B = tokens.shape[0]
         bias = common.attention_bias(torch.cat([valid.new_ones(B, 1), valid], 1), None,
                                      tokens.dtype)                               # (B, 1, 1, 1+N)
         cls = self.cls_token.expand(B, -1, -1)                                   # (B, 1, C)
         for block in self.blocks:
             cls = block(cls, tokens, bias)
-        return self.head(self.norm(cls[:, 0]))
+        return self.head(self.norm(cls[:, 0])), jet
 
 
 def set_frozen(encoder, frozen):
@@ -204,43 +271,190 @@ def backbone_lr(step, head_lr, args):
     return 1e-8 + ramp * (head_lr - 1e-8)
 
 
+def selected_loss(logits, label, keep, smoothing):
+    """Cross-entropy averaged over the selected jets (--min-subjets); the others weigh 0."""
+    ce = F.cross_entropy(logits.float(), label, label_smoothing=smoothing, reduction="none")
+    return (ce * keep).sum() / keep.sum().clamp(min=1)
+
+
+def epochs_to_converge(history, tol=0.01):
+    """Epoch of the first validation whose accuracy is within tol (relative) of the last one's."""
+    final = history[-1]["val_acc"]
+    return next(h["epoch"] for h in history if abs(h["val_acc"] - final) <= tol * abs(final))
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def prepare_batch(batch, classes, min_subjets, encoder_transform):
+    """Per-batch work in the loader workers (picklable as a functools.partial): `label` 0..K-1
+    from the jet's class (-1: a class the training jets lack; in-memory sets bring their own),
+    `keep` = the --min-subjets selection, then what the encoder's own inputs need."""
+    if "label" not in batch:
+        at = np.searchsorted(classes, batch["y"]).clip(max=len(classes) - 1)
+        batch["label"] = np.where(np.asarray(classes)[at] == batch["y"], at, -1)
+    batch["keep"] = np.ones(len(batch["y"]), dtype=bool)
+    if min_subjets:
+        sub = common.cluster_subjets(batch["p4"], batch["valid"], "ca", 0.2, n_subjets=20,
+                                     n_per_subjet=30)
+        batch["keep"] = sub.valid.any(-1).sum(-1) >= min_subjets                 # (B,)
+    return encoder_transform(batch) if encoder_transform is not None else batch
+
+
+def load_spec(args):
+    """Which encoder to build: method, its module, config dict, weights (None = random), features."""
+    if args.ckpt is None:
+        cfg = dataclasses.asdict(common.ENCODER_PRESETS[args.size])
+        features = args.features or "kin"
+        cfg["in_dim"] = len(common.FEATURE_NAMES[features])
+        method, state = "part", None
+    else:
+        ckpt = common.load_checkpoint(args.ckpt)
+        if ckpt.get("encoder") is None:
+            raise SystemExit(f"{args.ckpt}: the checkpoint holds no encoder weights")
+        cfg, stored, method = ckpt["encoder_config"], ckpt["args"], ckpt["method"]
+        by_width = {len(v): k for k, v in common.FEATURE_NAMES.items()}
+        features = args.features or stored.get("features") or by_width.get(cfg.get("in_dim"), "kin")
+        if "in_dim" in cfg and cfg["in_dim"] != len(common.FEATURE_NAMES[features]):
+            raise SystemExit(f"--features {features} gives {len(common.FEATURE_NAMES[features])} "
+                             f"inputs but {args.ckpt} was trained on {cfg['in_dim']}")
+        state = None if args.scratch else ckpt["encoder"]
+    if method not in SHARED and method not in METHODS:
+        raise SystemExit(f"{args.ckpt}: method {method!r} is not one finetune.py knows "
+                         f"({', '.join(sorted(METHODS))}, or the shared encoder)")
+    module = common if method in SHARED else METHODS[method]
+    return dict(method=method, module=module, cfg=cfg, state=state, features=features,
+                min_subjets=args.min_subjets,
+                encoder_transform=None if module is common else module.batch_transform(cfg))
+
+
+def make_stream(args, spec, data, split="train", **kw):
+    """A JetStream over `data` (a source name, or Jets in memory) with this run's batch form."""
+    memory = isinstance(data, common.Jets)
+    kw = dict(dict(path=args.data_dir, n_max=data.valid.shape[1] if memory else args.n_max,
+                   features=spec["features"], batch_size=args.batch_size, workers=args.workers,
+                   shuffle_buffer=args.shuffle_buffer, transform=spec.get("transform"),
+                   pad="n_max" if args.head == "flatten" else "batch"), **kw)
+    return common.JetStream(data, split, **kw)
+
+
+def open_data(args, spec, splits=None):
+    """What every seed shares: the classes, the labelled pool (in memory) or the number of
+    labels to stream, and the validation and test streams. splits: train/val/test -> Jets
+    to use instead of the --data files."""
+    source = lambda split: splits[split] if splits is not None else args.data
+    # counting the training jets reads only the files' metadata
+    train = make_stream(args, spec, source("train"), "train", n_jets=args.n_jets, batch_size=1)
+    if splits is not None:
+        classes = np.unique(np.asarray(splits["train"].y))
+    elif args.data == "toptagging":
+        classes = np.array([0, 1])
+    else:  # JetClass-layout files hold one class each: <prefix>_<k>.root
+        by_prefix = {common.PREFIX[c]: i for i, c in enumerate(common.CLASSES)}
+        classes = np.unique([by_prefix[Path(f).name.rsplit("_", 1)[0]] for f in train.files])
+    if len(classes) < 2:
+        raise SystemExit(f"--data {args.data}: the training split has a single class")
+    if args.task == "cwola" and (len(classes) != 2 or classes[0] != 0):
+        raise SystemExit("--task cwola needs two-class data with QCD (e.g. --data pythia or "
+                         "toptagging)")
+    names = ["QCD", "top"] if args.data == "toptagging" else [common.CLASSES[c] for c in classes]
+    spec.update(classes=names, n_classes=len(classes), transform=functools.partial(
+        prepare_batch, classes=classes, min_subjets=args.min_subjets,
+        encoder_transform=spec["encoder_transform"]))
+    n = args.n_labels if args.n_labels is not None else round(args.label_frac * train.n)
+    n = max(1, min(n, train.n))
+    data = dict(classes=classes, n_labels=n, pool=None, val_pool=None)
+    if splits is None and n > MAX_IN_MEMORY and args.task == "cwola":
+        raise SystemExit(f"--task cwola mixes its samples in memory: at most {MAX_IN_MEMORY} "
+                         f"labelled jets, not {n}; lower --n-labels or --label-frac")
+    if splits is not None or n <= MAX_IN_MEMORY:  # a pool to draw each seed's subset from
+        pool = min(train.n, max(n, min(MAX_IN_MEMORY, 10 * n)))
+        data["pool"] = (splits["train"][:pool] if splits is not None else common.load_jets(
+            args.data, args.data_dir, "train", pool, args.n_max, spec["features"]))
+    eval_kw = dict(n_jets=args.n_eval, shuffle=False, drop_last=False)
+    if args.task == "cwola":  # the mixed validation sample is made per seed from this pool
+        cap = min(args.n_eval or MAX_IN_MEMORY, MAX_IN_MEMORY)
+        data["val_pool"] = (splits["val"][:cap] if splits is not None else common.load_jets(
+            args.data, args.data_dir, "val", cap, args.n_max, spec["features"]))
+    else:
+        data["val"] = make_stream(args, spec, source("val"), "val", **eval_kw)
+    data["test"] = make_stream(args, spec, source("test"), "test", **eval_kw)
+    return data
+
+
+def seed_streams(args, spec, data, seed):
+    """This seed's labelled training stream and its validation stream (CWoLa: mixed per seed)."""
+    if data["pool"] is None:  # a large label set streams: the files' first jets, every seed
+        return make_stream(args, spec, args.data, "train", n_jets=data["n_labels"], seed=seed), \
+            data["val"]
+    rng = np.random.default_rng(common.seed_of(seed, "labels"))
+    y = np.searchsorted(data["classes"], np.asarray(data["pool"].y))
+    idx = label_subset(y, data["n_labels"], rng)
+    labels, val = y[idx], data.get("val")
+    if args.task == "cwola":  # weak labels everywhere but on test
+        mix, labels = cwola_mixture(labels, args.signal_frac, rng)
+        idx = idx[mix]
+        vy = np.searchsorted(data["classes"], np.asarray(data["val_pool"].y))
+        vmix, vlabels = cwola_mixture(vy, args.signal_frac, rng)
+        val = make_stream(args, spec, data["val_pool"][vmix], shuffle=False, drop_last=False,
+                          extra={"label": vlabels})
+    elif len(np.unique(labels)) < len(data["classes"]):
+        raise SystemExit(f"{len(idx)} labelled jets miss a class: use more (--n-labels)")
+    train = make_stream(args, spec, data["pool"][idx], seed=seed, extra={"label": labels},
+                        batch_size=min(args.batch_size, len(idx)))  # 100 labels still make a step
+    return train, val
+
+
 # --- one run ----------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def predict(model, arrays, s, batch_size, trim):
-    """Class probabilities (N, K) in the arrays' order."""
+def predict(model, stream, s, spec, n_repr=0, split="test"):
+    """One pass over an evaluation stream: class probabilities (N, K), labels (N,) and the jet
+    vectors of the first n_repr jets, of the selected jets (--min-subjets) in the stream's order."""
     model.eval()
-    probs = []
-    for batch in common.epoch_batches(arrays, batch_size, s.device, shuffle=False,
-                                      drop_last=False, trim=trim):
-        batch.pop("label")
+    probs, labels, zs, n_z = [], [], [], 0
+    for batch in common.loader(stream, s.device):
         with s.ctx:
-            logits = model(batch)
-        probs.append(logits.float().softmax(-1).cpu())
-    return torch.cat(probs).numpy()
+            logits, jet = model(spec["module"].encoder_inputs(batch, spec["cfg"]))
+        keep, label = batch["keep"], batch["label"]
+        if (label < 0).any():
+            at = batch["source"][label < 0][0]
+            raise SystemExit(f"{stream.describe(at)}: a jet of a class the training jets lack")
+        probs.append(logits.float().softmax(-1)[keep].cpu())
+        labels.append(label[keep].cpu())
+        if n_z < n_repr:
+            zs.append(jet.float()[keep][:n_repr - n_z].cpu())
+            n_z += len(zs[-1])
+    probs, labels = torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    if len(labels) == 0:
+        raise SystemExit(f"no {split} jet has --min-subjets {spec['min_subjets']}: lower it")
+    if not np.isfinite(probs).all():
+        raise SystemExit(f"the model's outputs on the {split} jets are not finite; stopping "
+                         "without results")
+    return probs, labels, torch.cat(zs).numpy() if zs else None
 
 
 def selection_score(metrics, n_classes):
-    """What picks the epoch on validation: AUC for two classes, accuracy otherwise."""
+    """What picks the step on validation: AUC for two classes, accuracy otherwise."""
     value = metrics["auc"] if n_classes == 2 else metrics["acc"]
     return metrics["acc"] if np.isnan(value) else value
 
 
-def run_seed(args, s, seed, spec, data, log):
-    """Train one head (+ encoder) with this seed; return the test metrics, test probabilities
-    (N, K) and the model with the weights of the epoch chosen on validation."""
-    train, val, test = data["train"], data["val"], data["test"]
-    torch.manual_seed(seed)
-    encoder = common.build_encoder(spec["method"], spec["cfg"])
+def run_seed(args, s, seed, spec, data, log, n_repr=0):
+    """Train one head (+ encoder) with this seed. Returns dict(metrics, probs, labels, z,
+    history, n_train, n_val, model): the test metrics of the weights chosen on validation."""
+    train, val = seed_streams(args, spec, data, seed)
+    inputs = lambda batch: spec["module"].encoder_inputs(batch, spec["cfg"])
+    torch.manual_seed(common.seed_of(seed, "init"))
+    encoder = spec["module"].build_encoder(spec["cfg"])
     if spec["state"] is not None:
         encoder.load_state_dict(spec["state"])
-    with torch.no_grad():  # widths and token count from one forward on two jets
-        probe_in = {k: torch.from_numpy(np.asarray(a[:2])) for k, a in train.items() if k != "label"}
-        tokens, _, jet = encoder.eval()(**probe_in)
+    with torch.no_grad():  # widths and token slots from one forward on a validation batch
+        tokens, _, jet = encoder.eval()(**inputs(next(iter(val.set_epoch(0)))))
     raw_model = Classifier(encoder, args.head, spec["n_classes"], tokens.shape[-1], jet.shape[-1],
                            tokens.shape[1], args.head_hidden).to(s.device)
-    model = torch.compile(raw_model) if s.compile else raw_model
+    model = common.wrap_model(raw_model, s)
     head_params = [p for n, p in raw_model.named_parameters() if not n.startswith("encoder.")]
     groups = common.decay_groups(head_params, args.weight_decay, name="head")
     if args.mode == "finetune":
@@ -248,18 +462,17 @@ def run_seed(args, s, seed, spec, data, log):
     optimizer = common.configure_optimizer(groups, args.lr, args.weight_decay,
                                            device_type=s.device_type)
 
-    batch_size = min(args.batch_size, len(train["label"]))  # 100 labels still make a step
-    per_epoch = common.steps_per_epoch(len(train["label"]), batch_size)
-    total = args.epochs * per_epoch
+    per_epoch = len(train)
+    total = args.steps or args.epochs * per_epoch
+    warmup = common.warmup_steps(args.warmup, total)
     if args.schedule == "frozen-then-unfrozen" and args.freeze_steps >= total:
-        raise SystemExit(f"--freeze-steps {args.freeze_steps} >= the run's {total} steps: the "
-                         "backbone would never train; lower --freeze-steps or raise --epochs")
-    best, best_state, frozen = -np.inf, None, None  # frozen: None until the first step sets it
-    bar = common.progress_bar(total, batch_size, desc=f"seed {seed}")
-    t0, loss_sum, n_loss = time.time(), torch.zeros((), device=s.device), 0
-    for step, epoch, batch in common.train_batches(train, batch_size, s.device, args.epochs,
-                                                   seed=seed, trim=spec["trim"]):
-        lr = common.lr_at(step, total, args.warmup, args.lr)
+        warnings.warn(f"--freeze-steps {args.freeze_steps} >= the run's {total} steps: the "
+                      "backbone never trains (a probe); lower --freeze-steps", stacklevel=2)
+    history, best, best_state, frozen = [], -np.inf, None, None  # frozen: set by the first step
+    bar = common.progress_bar(total, train.batch_size, desc=f"seed {seed}")
+    loss_sum, n_loss, t0 = 0.0, 0, time.time()
+    for step, _, batch in common.train_batches(train, s.device, args.epochs, steps=args.steps):
+        lr = common.lr_at(step, total, warmup, args.lr)
         b_lr = backbone_lr(step, lr, args)
         if frozen != (b_lr == 0.0):
             frozen = b_lr == 0.0
@@ -268,37 +481,48 @@ def run_seed(args, s, seed, spec, data, log):
         encoder.train(not frozen)
         for group in optimizer.param_groups:
             group["lr"] = lr if group["name"] == "head" else b_lr
-        label = batch.pop("label")
+        # 1. forward: jets left out by --min-subjets weigh 0
         with s.ctx:
-            logits = model(batch, backbone_grad=not frozen)
-        loss = F.cross_entropy(logits.float(), label, label_smoothing=args.label_smoothing)
+            logits, _ = model(inputs(batch), backbone_grad=not frozen)
+        loss = selected_loss(logits, batch["label"], batch["keep"], args.label_smoothing)
+        # 2. backward + step; a non-finite loss stops the run here, naming the step and file
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if args.grad_clip > 0:
             nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
+        common.check_finite(loss, step, train.describe(batch["source"][0]))
         optimizer.step()
-        loss_sum, n_loss = loss_sum + loss.detach(), n_loss + 1  # no host sync per step
-        bar.update(batch_size)
-        if step % 20 == 0:
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        loss_sum, n_loss = loss_sum + loss.item(), n_loss + 1  # check_finite synced already
+        bar.update(train.batch_size)
+        if step % args.log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        end_of_epoch = (step + 1) % per_epoch == 0
-        if (args.eval_every and (step + 1) % args.eval_every == 0) or \
-                (not args.eval_every and end_of_epoch) or step + 1 == total:
-            train_time = time.time() - t0  # training only: evaluation is not counted in jets/s
-            metrics = common.roc_metrics(val["label"], predict(model, val, s, args.batch_size,
-                                                               spec["trim"]))
+            bar.write(f"step {step}/{total}: loss {loss.item():.4f}, lr {lr:.2e}, "
+                      f"dt {dt * 1000:.0f} ms")
+        # 3. validation: each epoch (or --eval-every steps) and at the end
+        done = step + 1
+        if (args.eval_every and done % args.eval_every == 0) or \
+                (not args.eval_every and done % per_epoch == 0) or done == total:
+            probs, y, _ = predict(model, val, s, spec, split="validation")
+            metrics = common.roc_metrics(y, probs)
             score = selection_score(metrics, spec["n_classes"])
             if score > best:
                 best, best_state = score, copy.deepcopy(raw_model.state_dict())
-            log.log(dict(seed=seed, step=step + 1, epoch=epoch, lr=lr, backbone_lr=b_lr,
-                         train_loss=(loss_sum / n_loss).item(), val=_scalars(metrics),
-                         jets_per_s=n_loss * batch_size / train_time))
-            loss_sum, n_loss = torch.zeros((), device=s.device), 0
-            t0 = time.time()
+            point = dict(epoch=round(done / per_epoch, 4), step=done, val_acc=metrics["acc"],
+                         val_auc=metrics["auc"], train_loss=loss_sum / n_loss)
+            history.append(point)
+            log.log(dict(seed=seed, **point, lr=lr, backbone_lr=b_lr, val=_scalars(metrics)))
+            bar.write(f"seed {seed} epoch {point['epoch']:g} (step {done}): train loss "
+                      f"{point['train_loss']:.4f}, val acc {metrics['acc']:.4f}, "
+                      f"val auc {metrics['auc']:.4f} ({len(y)} jets)")
+            loss_sum, n_loss, t0 = 0.0, 0, time.time()  # evaluation is no step's dt
     bar.close()
     raw_model.load_state_dict(best_state)
-    probs = predict(model, test, s, args.batch_size, spec["trim"])
-    return common.roc_metrics(test["label"], probs), probs, raw_model
+    probs, labels, z = predict(model, data["test"], s, spec, n_repr)
+    return dict(metrics=common.roc_metrics(labels, probs), probs=probs, labels=labels, z=z,
+                history=history, n_train=train.n, n_val=len(y), steps=total, warmup=warmup,
+                model=raw_model)
 
 
 def _scalars(metrics, names=None):
@@ -308,80 +532,6 @@ def _scalars(metrics, names=None):
         for k, v in m.items():
             out[f"{k}_{names[int(c)] if names else c}"] = v
     return out
-
-
-# --- data and checkpoint ----------------------------------------------------------------------
-
-
-def load_spec(args):
-    """Which encoder to build: method name, config dict, weights (None = random), features."""
-    if args.ckpt is None:
-        cfg = dataclasses.asdict(common.ENCODER_PRESETS[args.preset])
-        features = args.features or "kin"
-        cfg["in_dim"] = len(common.FEATURE_NAMES[features])
-        return dict(method="part", cfg=cfg, state=None, features=features)
-    ckpt = common.load_checkpoint(args.ckpt)
-    if ckpt.get("encoder") is None:
-        raise SystemExit(f"{args.ckpt}: the checkpoint holds no encoder weights")
-    cfg, stored = ckpt["encoder_config"], ckpt["args"]
-    by_width = {len(v): k for k, v in common.FEATURE_NAMES.items()}
-    features = args.features or stored.get("features") or by_width.get(cfg.get("in_dim"), "kin")
-    if "in_dim" in cfg and cfg["in_dim"] != len(common.FEATURE_NAMES[features]):
-        raise SystemExit(f"--features {features} gives {len(common.FEATURE_NAMES[features])} "
-                         f"inputs but {args.ckpt} was trained on {cfg['in_dim']}")
-    return dict(method=ckpt["method"], cfg=cfg, state=None if args.scratch else ckpt["encoder"],
-                features=features)
-
-
-def prepare(args, spec):
-    """Load the three splits, relabel classes 0..K-1, subsample labels or build the CWoLa
-    mixtures, and turn each split into the arrays the encoder reads plus `label`."""
-    kw = dict(path=args.data_dir, n_max=args.n_max, features=spec["features"])
-    jets = dict(train=common.load_jets(args.data, split="train", n_jets=args.n_jets, **kw),
-                val=common.load_jets(args.data, split="val", n_jets=args.n_eval, **kw),
-                test=common.load_jets(args.data, split="test", n_jets=args.n_eval, **kw))
-    classes = np.unique(np.asarray(jets["train"].y))
-    for split in ("val", "test"):
-        extra = set(np.unique(np.asarray(jets[split].y))) - set(classes)
-        if extra:
-            raise SystemExit(f"--data {args.data}: {split} has classes {sorted(extra)} that the "
-                             "training split lacks")
-    if len(classes) < 2:
-        raise SystemExit(f"--data {args.data}: the training split has a single class")
-    if args.task == "cwola" and (len(classes) != 2 or classes[0] != 0):
-        raise SystemExit("--task cwola needs two-class data with QCD (e.g. --data pythia or "
-                         "toptagging)")
-    names = (["QCD", "top"] if args.data == "toptagging" else [common.CLASSES[c] for c in classes])
-    y = {k: np.searchsorted(classes, np.asarray(j.y)) for k, j in jets.items()}
-    spec.update(classes=names, n_classes=len(classes))
-    # the particle axis can be trimmed per batch only for inputs laid out like particles
-    default_inputs = spec["method"] in ("part", "scratch", "supervised") or \
-        not hasattr(importlib.import_module(spec["method"]), "encoder_inputs")
-    spec["trim"] = ("x", "p4") if default_inputs else ()
-    return jets, y
-
-
-def split_arrays(spec, jets, idx, labels):
-    arrays = common.encoder_inputs(spec["method"], jets[idx], spec["cfg"])
-    return dict(arrays, label=labels)
-
-
-def seed_data(args, spec, jets, y, seed):
-    """This seed's labelled training jets (and, for CWoLa, mixed validation jets)."""
-    rng = np.random.default_rng(seed)
-    n = args.n_labels if args.n_labels is not None else round(args.label_frac * len(y["train"]))
-    idx = label_subset(y["train"], n, rng)
-    data = {}
-    if args.task == "cwola":  # weak labels everywhere but on test
-        mix, sample = cwola_mixture(y["train"][idx], args.signal_frac, rng)
-        data["train"] = split_arrays(spec, jets["train"], idx[mix], sample)
-        mix, sample = cwola_mixture(y["val"], args.signal_frac, rng)
-        data["val"] = split_arrays(spec, jets["val"], mix, sample)
-    else:
-        data["train"] = split_arrays(spec, jets["train"], idx, y["train"][idx])
-        data["val"] = split_arrays(spec, jets["val"], np.arange(len(y["val"])), y["val"])
-    data["test"] = split_arrays(spec, jets["test"], np.arange(len(y["test"])), y["test"])
-    return data
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -418,44 +568,66 @@ def plot_roc(path, y, probs_by_seed, names):
     os.replace(tmp, path)
 
 
-def main(args):
+def _finite(metrics):
+    """JSON has no inf/NaN: a metric undefined on this test set is null."""
+    return {k: (v if math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def main(args, splits=None):
+    """Fine-tune --seeds times and write the results. splits: train/val/test -> common.Jets in
+    memory, used instead of the --data files (notebooks, tests)."""
     s = common.setup(args)
     if s.ddp:
         raise SystemExit("finetune.py runs in one process: launch it with python, not torchrun")
     spec = load_spec(args)
-    jets, y = prepare(args, spec)
+    data = open_data(args, spec, splits)
     labels = f"n{args.n_labels}" if args.n_labels is not None else f"f{args.label_frac:g}"
     task = f"cwola{args.signal_frac:g}" if args.task == "cwola" else ""
     name = args.name or "_".join(x for x in (
-        Path(args.ckpt).stem if args.ckpt else f"part-{args.preset}",
-        "scratch" if args.scratch else "", args.mode, args.head, labels, task) if x)
+        Path(args.ckpt).stem if args.ckpt else f"part-{args.size}",
+        "scratch" if args.scratch else "", args.mode, args.head, labels, task,
+        f"min{args.min_subjets}sj" if args.min_subjets else "") if x)
     out = Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     log = common.JsonlLogger(out / "log.jsonl")
+    how = ("in memory, a stratified subset per seed" if data["pool"] is not None else
+           "streamed: the first jets of every file, the same for every seed")
     print(f"{name}: method {spec['method']}, classes {spec['classes']}, features "
-          f"{spec['features']}, device {s.device}, git {common.git_hash()}")
-    per_seed, probs_by_seed = [], []
-    for k in range(args.seeds):
-        data = seed_data(args, spec, jets, y, args.seed + k)
-        metrics, probs, _ = run_seed(args, s, args.seed + k, spec, data, log)
-        per_seed.append(_scalars(metrics, spec["classes"]))
-        probs_by_seed.append(probs)
-        print(f"seed {args.seed + k}: " + "  ".join(f"{m} {v:.4g}" for m, v in per_seed[-1].items()))
+          f"{spec['features']}, {data['n_labels']} labelled training jets ({how}), device "
+          f"{s.device}, git {common.git_hash()}")
+    seeds = [args.seed + k for k in range(args.seeds)]
+    runs = []
+    for k, seed in enumerate(seeds):
+        runs.append(run_seed(args, s, seed, spec, data, log, n_repr=N_REPR if k == 0 else 0))
+        runs[-1]["scalars"] = _scalars(runs[-1]["metrics"], spec["classes"])
+        print(f"seed {seed} test ({len(runs[-1]['labels'])} jets): "
+              + "  ".join(f"{m} {v:.4g}" for m, v in runs[-1]["scalars"].items()))
+    per_seed = [r["scalars"] for r in runs]
     keys = per_seed[0].keys()
     with np.errstate(invalid="ignore"):  # rej = inf when no background passes: std is nan
         mean = {m: float(np.mean([r[m] for r in per_seed])) for m in keys}
         std = {m: float(np.std([r[m] for r in per_seed])) for m in keys}
-    results = dict(name=name, method=spec["method"], ckpt=args.ckpt, classes=spec["classes"],
-                   n_train=len(data["train"]["label"]), n_test=len(y["test"]),
-                   args=vars(args), mean=mean, std=std, per_seed=per_seed,
-                   git=common.git_hash(), versions=common.versions())
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, default=str))
+    results = dict(
+        name=name, method=spec["method"], ckpt=args.ckpt, task=args.task, classes=spec["classes"],
+        n_labels=data["n_labels"], labels="memory" if data["pool"] is not None else "stream",
+        n_train=runs[0]["n_train"], n_val=runs[0]["n_val"], n_test=len(runs[0]["labels"]),
+        steps=runs[0]["steps"], warmup=runs[0]["warmup"],
+        seeds=seeds, args=vars(args),
+        mean=_finite(mean), std=_finite(std), per_seed=[_finite(r) for r in per_seed],
+        history=[r["history"] for r in runs],
+        epochs_to_converge=[epochs_to_converge(r["history"]) for r in runs],
+        git=common.git_hash(), versions=common.versions())
+    text = json.dumps(results, indent=1, allow_nan=False, default=str)  # default: Path
+    with open(out / "test_repr.npz.tmp", "wb") as f:
+        np.savez(f, z=runs[0]["z"], y=runs[0]["labels"][:len(runs[0]["z"])])
+    os.replace(out / "test_repr.npz.tmp", out / "test_repr.npz")
+    plot_roc(out / "roc.png", runs[0]["labels"], [r["probs"] for r in runs], spec["classes"])
+    tmp = out / "results.json.tmp"  # written last: a results.json means a finished run
+    tmp.write_text(text)
     os.replace(tmp, out / "results.json")
-    plot_roc(out / "roc.png", y["test"], probs_by_seed, spec["classes"])
     print(f"test, {args.seeds} seed(s): " + "  ".join(f"{m} {mean[m]:.4g} +- {std[m]:.2g}"
                                                     for m in keys))
-    print(f"wrote {out / 'results.json'} and {out / 'roc.png'}")
+    print(f"wrote {out / 'results.json'}, test_repr.npz and roc.png")
     return results
 
 

@@ -1,6 +1,9 @@
-"""finetune.py end to end: every mode and head on generated jets, --scratch, checkpoints of other
-methods, the frozen-then-unfrozen schedule, CWoLa, multi-class data."""
+"""finetune.py end to end: every mode and head, --scratch, checkpoints of other methods, the
+frozen-then-unfrozen schedule, CWoLa, multi-class data, labels in memory and streamed, the
+results study.py reads (history, epochs to converge, test_repr.npz), --min-subjets, and bad input.
+Data: the tiny generated files (tiny_pythia) or synthetic in-memory Jets (main(args, splits))."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -46,7 +49,15 @@ def same(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-# --- every mode and head on the tiny generated sample -----------------------------------------
+def one_seed(args, tmp_path, seed=0, splits=None):
+    spec = finetune.load_spec(args)
+    data = finetune.open_data(args, spec, splits)
+    run = finetune.run_seed(args, common.setup(args), seed, spec, data,
+                            common.JsonlLogger(tmp_path / "log.jsonl"))
+    return run, data
+
+
+# --- every mode and head on the tiny generated sample (val and test stream from the files) -----
 
 
 @pytest.mark.parametrize("head", ["linear", "mlp", "cls-attn", "flatten", "mean"])
@@ -54,42 +65,96 @@ def test_modes_and_heads(tiny_pythia, tiny_ckpt, tmp_path, head):
     ckpt_encoder = common.load_checkpoint(tiny_ckpt)["encoder"]
     for mode in ("probe", "finetune"):
         args = get_args(["--ckpt", tiny_ckpt, "--mode", mode, "--head", head,
-                                  *flags(tiny_pythia, tmp_path)])
-        spec = finetune.load_spec(args)
-        jets, y = finetune.prepare(args, spec)
-        data = finetune.seed_data(args, spec, jets, y, seed=0)
-        s = common.setup(args)
-        metrics, probs, model = finetune.run_seed(args, s, 0, spec, data,
-                                                  common.JsonlLogger(tmp_path / "log.jsonl"))
-        assert probs.shape == (len(y["test"]), 2) and np.allclose(probs.sum(1), 1, atol=1e-5)
-        assert 0 <= metrics["acc"] <= 1 and 0 <= metrics["auc"] <= 1
-        assert same(encoder_state(model), ckpt_encoder) == (mode == "probe"), mode
+                         *flags(tiny_pythia, tmp_path)])
+        run, data = one_seed(args, tmp_path)
+        n_test = data["test"].n
+        assert n_test == 10 and run["probs"].shape == (n_test, 2)
+        assert np.allclose(run["probs"].sum(1), 1, atol=1e-5)
+        assert sorted(run["labels"].tolist()) == [0] * 5 + [1] * 5    # QCD, Tbqq -> 0, 1
+        assert 0 <= run["metrics"]["acc"] <= 1 and 0 <= run["metrics"]["auc"] <= 1
+        assert same(encoder_state(run["model"]), ckpt_encoder) == (mode == "probe"), mode
 
 
-def test_main_writes_results_and_plot(tiny_pythia, tiny_ckpt, tmp_path):
+def test_main_writes_results_history_and_repr(tiny_pythia, tiny_ckpt, tmp_path, capsys):
     argv = ["--ckpt", tiny_ckpt, "--mode", "probe", "--head", "mean", "--seeds", "2",
             "--label-frac", "0.5", "--name", "run", *flags(tiny_pythia, tmp_path)]
     results = finetune.main(get_args(argv))
-    saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["mean"] == results["mean"] and len(saved["per_seed"]) == 2
-    for key in ("acc", "auc", "rej50", "rej30"):
+    run = tmp_path / "run"
+    saved = json.loads((run / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results)) and len(saved["per_seed"]) == 2
+    for key in ("acc", "auc"):
         vals = [r[key] for r in saved["per_seed"]]
-        assert saved["mean"][key] == pytest.approx(np.mean(vals), nan_ok=True)  # rej may be inf
-        with np.errstate(invalid="ignore"):                         # std of [inf, inf]
-            assert saved["std"][key] == pytest.approx(np.std(vals), nan_ok=True)
-    assert saved["n_train"] == 40                                   # half of 80 training jets
-    assert (tmp_path / "run" / "roc.png").stat().st_size > 1000
-    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 4  # 2 seeds x 2 ep
-    again = finetune.main(get_args(argv))                  # same seed: same numbers
-    assert again["per_seed"] == results["per_seed"]
+        assert saved["mean"][key] == pytest.approx(np.mean(vals))
+        assert saved["std"][key] == pytest.approx(np.std(vals))
+    assert saved["n_labels"] == saved["n_train"] == 40              # half of 80 training jets
+    assert saved["labels"] == "memory" and saved["n_test"] == 10 and saved["seeds"] == [0, 1]
+    assert saved["steps"] == 4 and saved["warmup"] == 2            # 40 jets / 16 = 2 steps x 2 ep
+    # history: one point per epoch, the same numbers as the log and the printed lines
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 4                                           # 2 seeds x 2 epochs
+    for k in range(2):
+        hist = saved["history"][k]
+        assert [h["epoch"] for h in hist] == [1, 2] and [h["step"] for h in hist] == [2, 4]
+        assert set(hist[0]) == {"epoch", "step", "val_acc", "val_auc", "train_loss"}
+        assert [h["val_acc"] for h in hist] == [r["val_acc"] for r in log[2 * k:2 * k + 2]]
+        assert saved["epochs_to_converge"][k] == finetune.epochs_to_converge(hist)
+    printed = capsys.readouterr()
+    assert printed.out.count("val acc") + printed.err.count("val acc") == 4
+    # test_repr.npz: the encoder's jet vectors of the test jets (first seed), and their labels
+    rep = np.load(run / "test_repr.npz")
+    assert rep["z"].shape == (10, TINY["dim"]) and np.isfinite(rep["z"]).all()
+    assert sorted(rep["y"].tolist()) == [0] * 5 + [1] * 5
+    assert (run / "roc.png").stat().st_size > 1000
+    again = finetune.main(get_args(argv[:7] + ["1"] + argv[8:]))   # same seed 0, one seed
+    assert again["per_seed"][0] == results["per_seed"][0]
+    assert np.array_equal(np.load(run / "test_repr.npz")["z"], rep["z"])
 
 
-def test_scratch_preset_without_ckpt(tiny_pythia, tmp_path, monkeypatch):
+def test_epochs_to_converge():
+    hist = lambda accs: [dict(epoch=e + 1, val_acc=a) for e, a in enumerate(accs)]
+    assert finetune.epochs_to_converge(hist([0.5, 0.8, 0.9, 0.905])) == 3   # 0.9 within 1 %
+    assert finetune.epochs_to_converge(hist([0.95, 0.7, 0.895, 0.9])) == 3   # overshoot is not
+    assert finetune.epochs_to_converge(hist([0.6])) == 1
+
+
+def test_labels_in_memory_differ_by_seed_streamed_are_fixed(tiny_pythia, tiny_ckpt, tmp_path,
+                                                            monkeypatch):
+    argv = ["--ckpt", tiny_ckpt, "--n-labels", 30, *flags(tiny_pythia, tmp_path),
+            "--batch-size", 10]                                      # 3 steps read all 30
+    args = get_args(argv)
+    spec = finetune.load_spec(args)
+
+    def epoch(data, seed):  # the training stream, and (file, entry, label) of an epoch's jets
+        train, _ = finetune.seed_streams(args, spec, data, seed)
+        rows = [tuple(s) + (l,) for b in common.loader(train, torch.device("cpu"))
+                for s, l in zip(b["source"].tolist(), b["label"].tolist())]
+        return train, rows
+
+    data = finetune.open_data(args, spec)
+    assert data["pool"] is not None and len(data["pool"]) == 80     # pool: min(80, 10 x 30)
+    (ta, a), (tb, b) = epoch(data, 0), epoch(data, 1)
+    assert sorted(r[2] for r in a) == sorted(r[2] for r in b) == [0] * 15 + [1] * 15
+    assert not np.array_equal(ta.jets.p4, tb.jets.p4)                 # another subset per seed
+    monkeypatch.setattr(finetune, "MAX_IN_MEMORY", 10)                # 30 labels now stream
+    data = finetune.open_data(args, spec)
+    assert data["pool"] is None and data["n_labels"] == 30
+    (ta, a), (tb, b) = epoch(data, 0), epoch(data, 1)
+    assert sorted(a) == sorted(b) and a != b                         # same jets, another order
+    for f, e, label in a:                                           # the files' first 15 jets
+        assert e < 15 and label == int("TTBar_" in ta.files[f].name), (ta.files[f], e, label)
+    assert len(a) == 30
+    results = finetune.main(args)
+    assert results["labels"] == "stream" and results["n_train"] == 30
+    workers = finetune.main(get_args(argv + ["--workers", 1]))
+    assert workers["per_seed"] == results["per_seed"]               # loader workers: same batches
+
+
+def test_scratch_size_without_ckpt(tiny_pythia, tmp_path, monkeypatch):
     monkeypatch.setitem(common.ENCODER_PRESETS, "small", common.EncoderConfig(**TINY))
     args = get_args(["--scratch", "--mode", "finetune", "--name", "s",
-                              *flags(tiny_pythia, tmp_path)])
+                     *flags(tiny_pythia, tmp_path)])
     results = finetune.main(args)
-    assert results["method"] == "part" and results["args"]["preset"] == "small"
+    assert results["method"] == "part" and results["args"]["size"] == "small"
     with pytest.raises(SystemExit):
         get_args(flags(tiny_pythia, tmp_path))             # neither --ckpt nor --scratch
 
@@ -101,12 +166,12 @@ def test_scratch_with_ckpt_uses_its_architecture_not_its_weights(tiny_ckpt):
     assert finetune.load_spec(get_args(["--ckpt", tiny_ckpt]))["state"] is not None
 
 
-# --- the frozen-then-unfrozen schedule ---------------------------------------------------------
+# --- the frozen-then-unfrozen schedule and the warm-up -------------------------------------------
 
 
 def test_backbone_lr_schedule():
     args = get_args(["--scratch", "--mode", "finetune", "--schedule",
-                              "frozen-then-unfrozen", "--freeze-steps", "10", "--ramp-steps", "4"])
+                     "frozen-then-unfrozen", "--freeze-steps", "10", "--ramp-steps", "4"])
     lrs = [finetune.backbone_lr(step, 1e-3, args) for step in range(16)]
     assert lrs[:10] == [0.0] * 10 and lrs[10] == pytest.approx(1e-8)
     assert lrs[12] == pytest.approx(1e-8 + 0.5 * (1e-3 - 1e-8)) and lrs[14:] == [1e-3, 1e-3]
@@ -117,7 +182,7 @@ def test_backbone_lr_schedule():
 def test_frozen_then_unfrozen_end_to_end(tiny_pythia, tiny_ckpt, tmp_path, monkeypatch):
     built, snapshots = [], []
     build = common.build_encoder
-    monkeypatch.setattr(common, "build_encoder", lambda m, c: built.append(build(m, c)) or built[-1])
+    monkeypatch.setattr(common, "build_encoder", lambda c: built.append(build(c)) or built[-1])
     lr_fn = finetune.backbone_lr
 
     def spy(step, head_lr, args):  # called at the start of each step: weights after step - 1
@@ -125,19 +190,30 @@ def test_frozen_then_unfrozen_end_to_end(tiny_pythia, tiny_ckpt, tmp_path, monke
         return lr_fn(step, head_lr, args)
     monkeypatch.setattr(finetune, "backbone_lr", spy)
     args = get_args(["--ckpt", tiny_ckpt, "--mode", "finetune", "--schedule",
-                              "frozen-then-unfrozen", "--freeze-steps", "4", "--ramp-steps", "2",
-                              "--lr", "1e-2", *flags(tiny_pythia, tmp_path)])
-    spec = finetune.load_spec(args)
-    jets, y = finetune.prepare(args, spec)
-    data = finetune.seed_data(args, spec, jets, y, seed=0)
-    finetune.run_seed(args, common.setup(args), 0, spec, data,
-                      common.JsonlLogger(tmp_path / "log.jsonl"))
+                     "frozen-then-unfrozen", "--freeze-steps", "4", "--ramp-steps", "2",
+                     "--lr", "1e-2", *flags(tiny_pythia, tmp_path)])
+    one_seed(args, tmp_path)
     start = common.load_checkpoint(tiny_ckpt)["encoder"]
     assert len(snapshots) == 10                                      # 80 jets / 16 x 2 epochs
     for step in range(5):                                            # after steps 0..3: frozen
         assert same(snapshots[step], start), step
     assert not same(snapshots[6], start)                             # joined at step 4
     assert not same({k: v for k, v in built[-1].state_dict().items()}, start)
+
+
+def test_warmup_default_fits_short_runs(tiny_pythia, tiny_ckpt, tmp_path):
+    args = get_args(["--ckpt", tiny_ckpt, "--name", "w", *flags(tiny_pythia, tmp_path)[:-4],
+                     "--device", "cpu"])
+    assert args.warmup is None                                       # not 100 whatever the run
+    results = finetune.main(args)
+    assert results["steps"] == 10 and results["warmup"] == 1         # min(100, 5 % of 10 steps)
+    log = [json.loads(line) for line in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["lr"] > 0.5 * args.lr                              # the peak was reached
+    long = ["--mode", "finetune", "--schedule", "frozen-then-unfrozen", "--freeze-steps", 20]
+    for extra in (["--warmup", 50], long):
+        argv = ["--ckpt", tiny_ckpt, *flags(tiny_pythia, tmp_path)[:-4], *extra]
+        with pytest.warns(UserWarning, match="--warmup|--freeze-steps"):
+            one_seed(get_args(argv), tmp_path)
 
 
 # --- CWoLa ---------------------------------------------------------------------------------------
@@ -153,17 +229,13 @@ def test_cwola_mixture_counts():
         finetune.cwola_mixture(y, 0.9, np.random.default_rng(0))     # 180 > 100 signal jets
 
 
-def synthetic_jets(n_per_class, classes, seed, n=8, shift=1.5, scale=None):
+def synthetic_jets(n_per_class, classes, seed, n=8, shift=1.5):
     """Separable jets: class c shifts the first feature of every particle by shift * c."""
     rng = np.random.default_rng(seed)
     y = np.repeat(np.asarray(classes), n_per_class)
     valid = np.arange(n)[None] < rng.integers(2, n + 1, len(y))[:, None]
     x = rng.normal(size=(len(y), n, 7)).astype(np.float32)
-    label = np.searchsorted(classes, y)[:, None]
-    if scale:  # symmetric signal: a wider first feature, no shift a random function could ride
-        x[..., 0] *= 1 + (scale - 1) * label
-    else:
-        x[..., 0] += shift * label
+    x[..., 0] += shift * np.searchsorted(classes, y)[:, None]
     p4 = np.abs(rng.normal(size=(len(y), n, 4))).astype(np.float32) + 1.0
     p4[..., 3] = 3 * p4[..., :3].sum(-1)                             # E above |p|: massive
     x, p4 = x * valid[..., None], p4 * valid[..., None]
@@ -171,11 +243,9 @@ def synthetic_jets(n_per_class, classes, seed, n=8, shift=1.5, scale=None):
                        jet=np.zeros((len(y), 4), np.float32))
 
 
-def use_synthetic(monkeypatch, classes, n_train):
-    sizes = dict(train=n_train, val=n_train // 2, test=n_train // 2)
-    seeds = dict(train=1, val=2, test=3)
-    monkeypatch.setattr(common, "load_jets", lambda source, split, **kw: synthetic_jets(
-        sizes[split], classes, seeds[split]))
+def synthetic_splits(classes, n_train, **kw):
+    sizes, seeds = dict(train=n_train, val=n_train // 2, test=n_train // 2), dict(train=1, val=2, test=3)
+    return {k: synthetic_jets(sizes[k], classes, seeds[k], **kw) for k in sizes}
 
 
 FLAT = """
@@ -185,28 +255,35 @@ class Flat(nn.Module):  # no weights: the jet vector is every particle feature s
         return x, valid, x.flatten(1)
 def build_encoder(cfg):
     return Flat()
-def encoder_inputs(jets, cfg):  # own inputs: batches are not trimmed, the width stays fixed
-    return dict(x=jets.x, valid=jets.valid)
+def encoder_inputs(batch, cfg):
+    return dict(x=batch["x"], valid=batch["valid"])
+def batch_transform(cfg):
+    return None
 """
+
+
+def register(tmp_path, monkeypatch, name, source):
+    """A method module as the other scripts provide it, known to finetune.METHODS."""
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = __import__(name)
+    monkeypatch.setitem(finetune.METHODS, name, module)
+    return module
 
 
 def test_cwola_needs_signal_to_learn(tmp_path, monkeypatch):
     """A linear probe on raw features (112 dims, the signal along one direction) keeps what a
     random classifier picks up by chance small, so S = 0 must land near AUC 0.5 on true labels."""
-    (tmp_path / "flatfeat.py").write_text(FLAT)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import flatfeat
-    common.save_checkpoint(tmp_path / "flat.pt", method="flatfeat", args={}, model=flatfeat.Flat(),
-                           encoder=flatfeat.Flat(), encoder_config={})
-    sizes, seeds = dict(train=1000, val=500, test=500), dict(train=1, val=2, test=3)
-    monkeypatch.setattr(common, "load_jets", lambda source, split, **kw: synthetic_jets(
-        sizes[split], [0, 8], seeds[split], n=16, shift=0.7))
+    flat = register(tmp_path, monkeypatch, "flatfeat", FLAT)
+    common.save_checkpoint(tmp_path / "flat.pt", method="flatfeat", args={}, model=flat.Flat(),
+                           encoder=flat.Flat(), encoder_config={})
+    splits = synthetic_splits([0, 8], 1000, n=16, shift=0.7)
     auc = {}
     for frac in (0.0, 0.6):
         args = get_args(["--ckpt", tmp_path / "flat.pt", "--task", "cwola", "--signal-frac", frac,
                          "--seeds", 3, "--lr", "1e-2", "--epochs", 6, "--batch-size", 64,
-                         "--warmup", 2, "--device", "cpu", "--out", tmp_path])
-        auc[frac] = [r["auc"] for r in finetune.main(args)["per_seed"]]   # true test labels
+                         "--n-max", 16, "--device", "cpu", "--out", tmp_path])
+        auc[frac] = [r["auc"] for r in finetune.main(args, splits)["per_seed"]]  # true labels
     assert all(abs(a - 0.5) < 0.1 for a in auc[0.0]), auc
     assert all(a > 0.75 for a in auc[0.6]), auc
     with pytest.raises(SystemExit):
@@ -216,19 +293,16 @@ def test_cwola_needs_signal_to_learn(tmp_path, monkeypatch):
 # --- other data and other methods -------------------------------------------------------------
 
 
-def test_multiclass_reports_one_vs_qcd(tiny_ckpt, tmp_path, monkeypatch):
-    use_synthetic(monkeypatch, [0, 1, 8], 64)
+def test_multiclass_reports_one_vs_qcd(tiny_ckpt, tmp_path):
     args = get_args(["--ckpt", tiny_ckpt, "--head", "linear", "--epochs", "1",
-                              "--batch-size", "32", "--device", "cpu", "--out", tmp_path])
-    results = finetune.main(args)
+                     "--batch-size", "32", "--device", "cpu", "--out", tmp_path])
+    results = finetune.main(args, synthetic_splits([0, 1, 8], 64))
     assert results["classes"] == ["QCD", "Hbb", "Tbqq"]
     assert {"acc", "auc", "auc_Hbb", "auc_Tbqq", "rej50_Tbqq"} <= set(results["mean"])
 
 
-def test_checkpoint_of_another_method(tmp_path, monkeypatch):
-    """A method with its own encoder and inputs (like jjepa's subjets) is rebuilt by name."""
-    (tmp_path / "toyssl.py").write_text('''
-import torch, torch.nn as nn
+TOYSSL = '''
+import numpy as np, torch, torch.nn as nn
 class Enc(nn.Module):
     def __init__(self, width):
         super().__init__()
@@ -238,18 +312,110 @@ class Enc(nn.Module):
         return tokens, mask, tokens.sum(1)
 def build_encoder(cfg):
     return Enc(cfg["width"])
-def encoder_inputs(jets, cfg):
-    return dict(feats=jets.x[:, :5, :3], mask=jets.valid[:, :5])
-''')
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import toyssl
-    enc = toyssl.build_encoder(dict(width=6))
+def encoder_inputs(batch, cfg):                      # made by the worker transform below
+    return dict(feats=batch["feats"], mask=batch["mask"])
+def _transform(batch, slots):                        # numpy, in the loader worker
+    x, valid = np.zeros((len(batch["x"]), slots, 3), np.float32), np.zeros((len(batch["x"]), slots), bool)
+    n = min(slots, batch["x"].shape[1])
+    x[:, :n], valid[:, :n] = batch["x"][:, :n, :3], batch["valid"][:, :n]
+    return dict(batch, feats=x, mask=valid)
+def batch_transform(cfg):
+    import functools
+    return functools.partial(_transform, slots=cfg["slots"])
+'''
+
+
+def test_checkpoint_of_another_method(tmp_path, monkeypatch):
+    """A method with its own encoder, inputs and worker transform (like jjepa's subjets) is
+    rebuilt through finetune.METHODS."""
+    toy = register(tmp_path, monkeypatch, "toyssl", TOYSSL)
+    enc = toy.build_encoder(dict(width=6))
     common.save_checkpoint(tmp_path / "toyssl.pt", method="toyssl", args={}, model=enc,
-                           encoder=enc, encoder_config=dict(width=6))
-    use_synthetic(monkeypatch, [0, 8], 64)
+                           encoder=enc, encoder_config=dict(width=6, slots=5))
     for head in ("flatten", "cls-attn"):
-        args = get_args(["--ckpt", tmp_path / "toyssl.pt", "--mode", "finetune",
-                                  "--head", head, "--epochs", "1", "--batch-size", "32",
-                                  "--device", "cpu", "--out", tmp_path])
-        results = finetune.main(args)
+        args = get_args(["--ckpt", tmp_path / "toyssl.pt", "--mode", "finetune", "--head", head,
+                         "--epochs", "1", "--batch-size", "32", "--device", "cpu",
+                         "--out", tmp_path])
+        results = finetune.main(args, synthetic_splits([0, 8], 64))
         assert results["method"] == "toyssl" and 0 <= results["mean"]["auc"] <= 1
+        assert np.load(tmp_path / results["name"] / "test_repr.npz")["z"].shape == (64, 6)
+    common.save_checkpoint(tmp_path / "other.pt", method="nosuch", args={}, model=enc,
+                           encoder=enc, encoder_config={})
+    with pytest.raises(SystemExit, match="nosuch"):
+        finetune.load_spec(get_args(["--ckpt", tmp_path / "other.pt"]))
+
+
+# --- J-JEPA's jet selection: --min-subjets -----------------------------------------------------
+
+
+def spread_jets(n_parts, seed, n=16):
+    """Jets whose particles sit 0.5 apart in phi: C/A R=0.2 makes one subjet per particle."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat([0, 8], len(n_parts))
+    counts = np.tile(n_parts, 2)
+    valid = np.arange(n)[None] < counts[:, None]
+    pt = np.linspace(100, 10, n)[None].repeat(len(y), 0)
+    phi = 0.5 * np.arange(n)[None] + rng.uniform(0, 0.1, (len(y), 1))
+    p4 = np.stack([pt * np.cos(phi), pt * np.sin(phi), 0 * pt, pt], -1).astype(np.float32)
+    x = rng.normal(size=(len(y), n, 7)).astype(np.float32)
+    x[..., 0] += (y == 8)[:, None]
+    return common.Jets(x=x * valid[..., None], p4=p4 * valid[..., None], valid=valid,
+                       y=y.astype(np.int64), jet=np.zeros((len(y), 4), np.float32))
+
+
+def test_min_subjets_counts_subjets():
+    jets = spread_jets([3, 9, 10, 12], seed=0)
+    batch = dict(x=jets.x, p4=jets.p4, valid=jets.valid, y=jets.y)
+    out = finetune.prepare_batch(dict(batch), np.array([0, 8]), 10, None)
+    assert out["keep"].tolist() == [False, False, True, True] * 2
+    assert out["label"].tolist() == [0] * 4 + [1] * 4
+    assert finetune.prepare_batch(dict(batch), np.array([0, 8]), 0, None)["keep"].all()
+    assert finetune.prepare_batch(dict(batch), np.array([0]), 0, None)["label"][-1] == -1
+
+
+def test_min_subjets_leaves_other_jets_out_exactly(tiny_ckpt, tmp_path):
+    """Jets below the cut change nothing: scrambling their features gives the same numbers,
+    and only the selected jets are scored."""
+    n_parts = np.tile([4, 12], 24)
+    splits = {k: spread_jets(n_parts, seed) for k, seed in (("train", 1), ("val", 2), ("test", 3))}
+    argv = ["--ckpt", tiny_ckpt, "--mode", "finetune", "--head", "mean", "--min-subjets", 10,
+            "--epochs", 2, "--batch-size", 16, "--n-max", 16, "--device", "cpu", "--out", tmp_path]
+    results = finetune.main(get_args(argv + ["--name", "a"]), splits)
+    assert results["n_test"] == results["n_val"] == 48                # 12-subjet jets only
+    assert len(np.load(tmp_path / "a" / "test_repr.npz")["y"]) == 48
+    for jets in splits.values():
+        few = jets.valid.sum(1) < 10
+        jets.x[few] = 5 * np.random.default_rng(0).normal(size=jets.x[few].shape) * jets.valid[few][..., None]
+    again = finetune.main(get_args(argv + ["--name", "b"]), splits)
+    assert again["per_seed"] == results["per_seed"] and again["history"] == results["history"]
+    everything = finetune.main(get_args(argv[:6] + argv[8:] + ["--name", "c"]), splits)
+    assert everything["n_test"] == 96 and everything["history"] != results["history"]
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+
+def test_nan_input_stops_without_results(tiny_ckpt, tmp_path):
+    splits = synthetic_splits([0, 8], 64)
+    splits["train"].x[5, 0, 0] = np.nan                               # one constituent
+    args = get_args(["--ckpt", tiny_ckpt, "--n-labels", 128, "--batch-size", 128, "--name", "nan",
+                     "--device", "cpu", "--out", tmp_path])
+    with pytest.raises(SystemExit) as e:
+        finetune.main(args, splits)
+    assert isinstance(e.value.code, str) and "step 0" in e.value.code   # exit status 1
+    assert "memory entry" in e.value.code                               # names the batch
+    assert not (tmp_path / "nan" / "results.json").exists()
+    assert not (tmp_path / "nan" / "test_repr.npz").exists()
+
+
+@pytest.mark.parametrize("bad", [["--epochs", 0], ["--seeds", 0], ["--n-labels", 0],
+                                 ["--n-labels", -3], ["--label-frac", 0], ["--label-frac", 1.5],
+                                 ["--min-subjets", -1], ["--min-subjets", 21],
+                                 ["--head-hidden", 0], ["--freeze-steps", -1],
+                                 ["--label-smoothing", 1], ["--log-every", 0],
+                                 ["--task", "cwola", "--signal-frac", 2]])
+def test_bad_cli_values_are_usage_errors(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        get_args(["--scratch", *bad])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and bad[-2] in err[-1], err                # one line, names the flag
