@@ -396,7 +396,7 @@ def train(args, jets=None):
             log.log(record)
             bar.write(f"step {step + 1}: val loss {record['val']['loss']:.4f}, masked-token "
                       f"accuracy {record['val']['token_acc']:.4f}")
-            common.check_finite(loss, step + 1)
+            common.check_finite(loss, step + 1, f"{args.data} train")
             common.save_checkpoint(Path(args.out) / "mpm.pt", method="mpm", args=args,
                                    model=raw_model, encoder=raw_model.encoder,
                                    encoder_config=enc_cfg, optimizer=optimizer, step=step + 1)

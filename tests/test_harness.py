@@ -248,25 +248,18 @@ def test_ddp_gloo_two_processes(tmp_path):
 # --- encoders by method name --------------------------------------------------------------------
 
 
-def test_build_encoder_dispatch(tmp_path, monkeypatch):
-    (tmp_path / "toymethod.py").write_text(
-        "import torch.nn as nn\n"
-        "def build_encoder(cfg):\n    return nn.Linear(cfg['a'], cfg['b'])\n"
-        "def encoder_inputs(jets, cfg):\n    return dict(z=jets.x[:, 0])\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-
-    class J:
-        x = np.zeros((2, 3, 4))
-        valid = np.ones((2, 3), bool)
-        p4 = np.zeros((2, 3, 4))
-    enc = common.build_encoder("toymethod", dict(a=3, b=5))
-    assert isinstance(enc, nn.Linear) and enc.out_features == 5
-    assert list(common.encoder_inputs("toymethod", J, {})) == ["z"]
-    assert list(common.encoder_inputs("part", J, {})) == ["x", "valid", "p4"]
-    with pytest.raises(SystemExit, match="nosuchmethod"):
-        common.build_encoder("nosuchmethod", {})
-    if hasattr(common, "Encoder"):
-        assert isinstance(common.build_encoder("scratch", {}), common.Encoder)
+def test_shared_encoder_pair():
+    """common's build_encoder / encoder_inputs: the method-module interface of the shared
+    ParT-lite encoder (finetune.py maps "part"/"scratch" to it; common imports no script)."""
+    cfg = dict(in_dim=3, dim=8, heads=2, depth=1, cls_depth=1, pair_dim=())
+    enc = common.build_encoder(cfg)
+    assert isinstance(enc, common.Encoder)
+    batch = dict(x=torch.zeros(2, 4, 3), valid=torch.ones(2, 4, dtype=torch.bool),
+                 p4=torch.ones(2, 4, 4), y=torch.zeros(2))
+    assert list(common.encoder_inputs(batch)) == ["x", "valid", "p4"]
+    assert enc(**common.encoder_inputs(batch))[2].shape == (2, 8)
+    import inspect
+    assert "importlib" not in inspect.getsource(common)
 
 
 def test_jsonl_logger(tmp_path):
