@@ -1827,8 +1827,9 @@ def check_finite(loss, step, where, grad_norm=None):
     would otherwise poison the weights and every later checkpoint while the run reports
     success. Call it after backward (with the norm clip_grad_norm_ returns) and before
     optimizer.step(). It reads the values on the host (a sync): once per step is cheap."""
-    bad = [f"{name} {float(v)}" for name, v in (("loss", loss), ("grad norm", grad_norm))
-           if v is not None and not math.isfinite(float(v))]
+    values = [(name, float(v.detach()) if torch.is_tensor(v) else float(v))
+              for name, v in (("loss", loss), ("grad norm", grad_norm)) if v is not None]
+    bad = [f"{name} {v}" for name, v in values if not math.isfinite(v)]
     if bad:
         raise SystemExit(f"step {step}: {' and '.join(bad)} on a batch of {where}; stopping "
                          "before the weights are updated (the last checkpoint is kept). Check the "
