@@ -158,7 +158,7 @@ def with_target_particles_scaled(b, m, cfg, factor):
     jets = from_p4(p4.numpy(), b["valid"].numpy(), b["y"].numpy())
     parts = torch.gather(p4, 1, b["idx"].long().clamp(min=0).view(B, -1, 1).expand(-1, -1, 4))
     sub_p4 = (parts.view(B, S, P, 4) * (b["idx"] >= 0)[..., None]).sum(2)
-    pos = jjepa.subjet_positions(sub_p4, torch.from_numpy(jets.jet))
+    pos = jjepa.in_frame(sub_p4, torch.from_numpy(jets.jet))
     return dict(b, x=torch.from_numpy(jets.x), p4=p4, jet=torch.from_numpy(jets.jet), pos=pos)
 
 
@@ -173,8 +173,9 @@ def test_context_frame_context_hides_the_targets():
         enc, ctx = model.encoder.eval(), m["context"]
         out = []
         for batch in (b, b2):
-            x, pos = model.context_inputs(batch["x"], batch["p4"], batch["valid"], batch["idx"],
-                                          batch["pos"], ctx)
+            x, pos = batch["x"], batch["pos"]  # what forward() gives the context encoder
+            if frame == "context":
+                x, pos = jjepa.context_frame(x, batch["p4"], batch["valid"], batch["idx"], ctx)
             with torch.no_grad():
                 out.append((x, pos, enc(x, batch["idx"], pos, keep=ctx)[0]))
         member = torch.zeros_like(b["valid"])  # particles of context subjets
@@ -230,16 +231,14 @@ def test_min_subjets_weights_jets_out_of_the_loss():
 
 
 def test_ema_update_exact():
+    """Momentum cosine from --ema-start to 1 at the last step; one exact lerp per call."""
     torch.manual_seed(0)
     online, target = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
-    before = [p.detach().clone() for p in target.parameters()]
-    m = jjepa.ema_momentum(3, 10, 0.996)
-    assert m == pytest.approx(1 - 0.004 * (math.cos(math.pi * 0.3) + 1) / 2, abs=1e-15)
-    assert jjepa.ema_momentum(0, 10, 0.996) == pytest.approx(0.996)
-    assert jjepa.ema_momentum(10, 10, 0.996) == 1.0
-    jjepa.ema_update(target, online, m)
-    for t, b, o in zip(target.parameters(), before, online.parameters()):
-        torch.testing.assert_close(t, m * b + (1 - m) * o, rtol=0, atol=1e-7)
+    for step, m in ((3, 1 - 0.004 * (math.cos(math.pi * 0.3) + 1) / 2), (0, 0.996), (10, 1.0)):
+        before = [p.detach().clone() for p in target.parameters()]
+        jjepa.ema_update(target, online, step, 10, 0.996)
+        for t, b, o in zip(target.parameters(), before, online.parameters()):
+            torch.testing.assert_close(t, m * b + (1 - m) * o, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("sel", ["mlp", "attn"])
