@@ -9,7 +9,8 @@ Deviations from the paper's public code (whose bugs are avoided):
   no loss weight (fixed shapes, equal DDP steps); finetune.py selects with n_subjets(batch).
 - Positions (deta, dphi) from the frame's axis; --pos-pt adds log pT_sub/pT_frame (off: a
   target's pT is content to infer). SEL "attn" attends within each subjet, then pools it by
-  class attention; "mlp" flattens its P x F particles.
+  class attention; "mlp" flattens its P x F particles. The small preset adds VICReg terms (2,
+  0.1) and EMA from 0.99 against collapse (generated jets: paper cosine 0.79 -> 0.49, erank 12.5 -> 19.7).
 - The context encoder attends ONLY to context subjets (the official one encodes the whole jet,
   then selects). Targets still leak in with --context-frame jet (the paper's): features and
   positions are relative to the whole jet (1 - the context's summed pT fraction gives the
@@ -44,7 +45,7 @@ import common
 # dim/depth/heads: subjet transformer; sel_*: subjet embedding layer; pred_*: predictor
 PRESETS = {
     "small": dict(dim=64, depth=4, heads=4, mlp_ratio=4, sel="attn", sel_dim=32, sel_depth=1, pred_dim=32,
-                  pred_depth=2, pred_heads=4, lr=1e-3, ema_start=0.996),
+                  pred_depth=2, pred_heads=4, lr=1e-3, ema_start=0.99, var_weight=2.0, cov_weight=0.1),
     "SjT-T": dict(dim=96, depth=24, heads=16, mlp_ratio=3, sel="mlp", sel_dim=256, sel_depth=0,
                   pred_dim=64, pred_depth=12, pred_heads=4, lr=1e-4, ema_start=0.99, warmup=0),
     "AE-SjT-T": dict(dim=96, depth=24, heads=16, mlp_ratio=3, sel="attn", sel_dim=128, sel_depth=8,
@@ -91,11 +92,11 @@ def get_args(argv=None):
                    help="context features relative to the whole jet (paper; leaks) or the context's sum")
     g.add_argument("--ema-start", type=checked(float, lambda v: 0 <= v <= 1),
                    help="EMA momentum at step 0; cosine schedule to 1 at the last step")
-    g.add_argument("--var-weight", type=WEIGHT, default=0.0, help="VICReg variance term (context jets)")
-    g.add_argument("--cov-weight", type=WEIGHT, default=0.0, help="VICReg covariance term")
+    g.add_argument("--var-weight", type=WEIGHT, help="VICReg variance term on the context jet vectors")
+    g.add_argument("--cov-weight", type=WEIGHT, help="VICReg covariance term (both: 0 unless preset)")
     g.add_argument("--log-every", type=POS, default=10, help="print a step line every N steps")
     args = p.parse_args(argv)
-    for key, value in PRESETS[args.preset].items():
+    for key, value in {"var_weight": 0.0, "cov_weight": 0.0, **PRESETS[args.preset]}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return args
