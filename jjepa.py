@@ -75,7 +75,7 @@ def get_args(argv=None):
     g.add_argument("--subjet-r", type=checked(float, lambda v: v > 0), default=0.2, help="C/A radius")
     g.add_argument("--n-subjets", type=POS, default=20, help="leading subjets kept per jet")
     g.add_argument("--n-per-subjet", type=POS, default=30, help="leading particles per subjet")
-    g.add_argument("--min-subjets", type=NON_NEG, default=0, help="fewer: no weight in the loss (paper: 10)")
+    g.add_argument("--min-subjets", type=NON_NEG, default=0, help="jets below get no loss weight (paper: 10)")
     g = p.add_argument_group("model (None = from --preset)")
     g.add_argument("--preset", default="small", choices=list(PRESETS), help="the named recipe")
     g.add_argument("--sel", choices=["mlp", "attn"], help="subjet embedding layer")
