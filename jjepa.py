@@ -357,7 +357,7 @@ def train(args):
     warmup = common.warmup_steps(args.warmup, total)
     raw_model = JJEPA(cfg, args).to(s.device)
     optimizer = common.configure_optimizer(raw_model, args.lr, args.weight_decay, device_type=s.device_type)
-    start_step = common.resume_from(args.resume, raw_model, optimizer) if args.resume else 0
+    start_step = args.resume and common.resume_from(args.resume, raw_model, optimizer, args=args) or 0
     model = common.wrap_model(raw_model, s)
     if s.master:
         size = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"  # noqa: E731
@@ -365,7 +365,8 @@ def train(args):
               f"{args.preset}: encoder {size(raw_model.encoder)}, predictor {size(raw_model.predictor)}, "
               f"git {common.git_hash()}, torch {torch.__version__}")
     eval_every, per_step = args.eval_every or len(train_stream), args.batch_size * s.world_size
-    logger = common.JsonlLogger(os.path.join(args.out, "jjepa.jsonl")) if s.master else None
+    logger = common.JsonlLogger(os.path.join(args.out, "jjepa.jsonl"),
+                                resume_step=start_step or None) if s.master else None
     bar = common.progress_bar(total, per_step, start_step, s.master)
     stats, t0 = {}, time.perf_counter()
     # --- the flat loop: 1. batch + masks  2. forward  3. backward + step  4. EMA update
@@ -386,7 +387,7 @@ def train(args):
         t1, done = time.perf_counter(), step + 1
         dt, t0 = t1 - t0, t1
         if done % args.log_every == 0 or done % eval_every == 0 or done == total:
-            common.check_finite(loss, step)  # on every rank, so none waits on a stopped one
+            common.check_finite(loss, step, f"{args.data} train")  # every rank: none waits
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if s.master and done % args.log_every == 0:
                 bar.write(f"step {done}/{total} (epoch {epoch}) loss {loss.item():.4f} "
