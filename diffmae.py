@@ -50,17 +50,8 @@ PRESETS = {"paper": dict(size="8m", drop_features="", mask_ratio=0.125, pred_rat
                          diff_steps=1000, diff_mul=4, weight_decay=0.02, grad_clip=3.0)}
 
 
-def checked(kind, ok, what):  # an argparse type: a bad value is a one-line usage error
-    def parse(text):
-        if not ok(value := kind(text)):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-    return parse
-
-
-positive = checked(int, lambda v: v > 0, "a positive integer")
-fraction = checked(float, lambda v: 0 < v < 1, "a fraction in (0, 1)")
-pred_ratio = checked(str, lambda v: v == "1tok" or 0 < float(v) <= 1, "1tok or a fraction in (0, 1]")
+def pred_ratio(text):  # argparse type: "1tok" (one particle per jet) or a fraction in (0, 1], as text
+    return text if text == "1tok" else str(common.fraction(text))
 
 
 def get_args(argv=None):
@@ -75,11 +66,14 @@ def get_args(argv=None):
     g.add_argument("--drop-features", default="logptrel,logerel", help="features kept from the encoder")
     g.add_argument("--feature-mix", action="store_true", help="each decoder block reads a mix of all layers")
     g = p.add_argument_group("masking and loss")
-    g.add_argument("--mask-ratio", type=fraction, default=0.125, help="fraction of particles hidden")
+    g.add_argument("--mask-ratio", type=common.number_type(float, lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+                   default=0.125, help="fraction of particles hidden")
     g.add_argument("--pred-ratio", type=pred_ratio, default="1tok", help="fraction of the jet decoded, or 1tok")
-    g.add_argument("--diff-steps", type=positive, default=1000, help="diffusion steps of the schedule")
-    g.add_argument("--diff-mul", type=positive, default=4, help="(t, noise) draws per token per step")
-    g.add_argument("--log-every", type=positive, default=10, help="print loss and step time every N steps")
+    g.add_argument("--diff-steps", type=common.positive_int, default=1000,
+                   help="diffusion steps of the schedule")
+    g.add_argument("--diff-mul", type=common.positive_int, default=4,
+                   help="(t, noise) draws per token per step")
+    g.add_argument("--log-every", type=common.positive_int, default=10, help="print loss and step time every N steps")
     p.set_defaults(lr=1e-3, weight_decay=0.02, grad_clip=3.0, n_eval=2000)
     args = p.parse_args(argv)
     if args.preset:
