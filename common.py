@@ -1676,6 +1676,8 @@ def add_common_args(parser, skip=()):
         help="continue the run saved in this checkpoint (weights, optimizer, RNG, data order)")
     add("--eval-every", type=nonneg_int, default=0,
         help="evaluate every this many steps (0: at the end of each epoch)")
+    add("--log-every", type=positive_int, default=10,
+        help="print the loss and step time every N steps")
     return parser
 
 

@@ -73,7 +73,6 @@ def get_args(argv=None):
                    help="diffusion steps of the schedule")
     g.add_argument("--diff-mul", type=common.positive_int, default=4,
                    help="(t, noise) draws per token per step")
-    g.add_argument("--log-every", type=common.positive_int, default=10, help="print loss and step time every N steps")
     p.set_defaults(lr=1e-3, weight_decay=0.02, grad_clip=3.0, n_eval=2000)
     args = p.parse_args(argv)
     if args.preset:

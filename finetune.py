@@ -134,12 +134,10 @@ def get_args(argv=None):
                    type=common.number_type(int, lambda v: 0 <= v <= 20, "an integer in [0, 20]"),
                    help="use only jets with at least this many non-empty C/A R=0.2 subjets of "
                         "their --n-max particles (J-JEPA evaluates on >= 10); 0: every jet")
-    g.add_argument("--log-every", type=common.positive_int, default=50,
-                   help="print the loss, lr and step time every this many steps")
     g.add_argument("--name", default=None,
                    help="results folder under --out (None: built from method, mode, head, labels)")
     common.add_common_args(p, skip=("resume",))
-    p.set_defaults(epochs=20, batch_size=256, lr=1e-3, weight_decay=0.01)
+    p.set_defaults(epochs=20, batch_size=256, lr=1e-3, weight_decay=0.01, log_every=50)
     args = p.parse_args(argv)
     if args.ckpt is None and not args.scratch:
         p.error("give --ckpt (a pretrained encoder) or --scratch (random init of --size)")

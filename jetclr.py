@@ -79,10 +79,9 @@ def get_args(argv=None):
                    help="projection head output size")
     g.add_argument("--nt-xent-temperature", type=common.positive_float, default=0.1,
                    help="temperature of the NT-Xent softmax over cosine similarities")
-    g = p.add_argument_group("evaluation and logging")
+    g = p.add_argument_group("evaluation")
     g.add_argument("--lct", action=argparse.BooleanOptionalAction, default=True,
                    help="end of run: linear classifier test (fitted on train, scored on val)")
-    g.add_argument("--log-every", type=common.positive_int, default=10, help="print every N steps")
     args = p.parse_args(argv)
     if args.dim % args.heads:
         p.error(f"--dim {args.dim} must be divisible by --heads {args.heads}")

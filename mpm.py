@@ -56,8 +56,6 @@ def get_args(argv=None):
     p.set_defaults(lr=1e-3, weight_decay=1e-5, batch_size=256, n_eval=10000)
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="a paper's recipe (docstring); explicit flags override its values")
-    p.add_argument("--log-every", type=common.positive_int, default=10,
-                   help="print a training line every N steps")
     g = p.add_argument_group("masking and targets")
     g.add_argument("--mask-frac", default=0.4,
                    type=common.number_type(float, lambda v: 0 < v < 1, "a fraction in (0, 1)"),
