@@ -353,9 +353,10 @@ def train(args):
     groups = common.decay_groups(rest, args.weight_decay) + [dict(params=list(raw_model.diff.parameters()),
                                                                   weight_decay=0.0)]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    start = common.resume_from(args.resume, raw_model, opt, args=args) if args.resume else 0
     model = common.wrap_model(raw_model, s)
-    start = common.resume_from(args.resume, raw_model, opt) if args.resume else 0
-    log = common.JsonlLogger(os.path.join(args.out, "diffmae.jsonl"))
+    log = (common.JsonlLogger(os.path.join(args.out, "diffmae.jsonl"), resume_step=start if args.resume else None)
+           if s.master else None)  # one writer: rank 0 drops the records a resumed run logs again
     n_enc, n_all = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (raw_model.encoder, raw_model))
     if s.master:
         print(f"diffmae {args.size}, preset {args.preset}: {n_enc:.2f}M encoder params ({n_all:.2f}M in all), "
@@ -388,6 +389,7 @@ def train(args):
             common.save_checkpoint(os.path.join(args.out, "diffmae.pt"), method="diffmae", args=args,
                                    encoder_config=cfg, encoder=raw_model.encoder, model=raw_model,
                                    optimizer=opt, step=step + 1)
+            t0 = time.time()  # the next dt is a training step's, not the evaluation's
     bar.close()
 
     # --- end of run: the linear probe, fitted on a bounded train sample, scored on val ---

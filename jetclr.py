@@ -331,13 +331,14 @@ def train(args):
     raw_model = JetCLR(cfg, args.proj_dim).to(s.device)
     optimizer = common.configure_optimizer(raw_model, args.lr, args.weight_decay,
                                            device_type=s.device_type)
-    start = common.resume_from(args.resume, raw_model, optimizer) if args.resume else 0
+    start = common.resume_from(args.resume, raw_model, optimizer, args=args) if args.resume else 0
     model = common.wrap_model(raw_model, s)
     total = args.steps or args.epochs * len(train_stream)
     warmup = common.warmup_steps(args.warmup, total)
     eval_every = args.eval_every or len(train_stream)
     jets_per_step = args.batch_size * s.world_size
-    logger = common.JsonlLogger(out / "jetclr.jsonl") if s.master else None
+    logger = (common.JsonlLogger(out / "jetclr.jsonl", resume_step=start if args.resume else None)
+              if s.master else None)
     if s.master:
         # the validation loss sees as many negatives as a training step: batches of B x W jets
         val_stream = common.JetStream(

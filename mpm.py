@@ -360,9 +360,11 @@ def train(args, jets=None):
           f"{sum(p.numel() for p in raw_model.encoder.parameters()):,}")
     optimizer = common.configure_optimizer(raw_model, args.lr, args.weight_decay,
                                            device_type=s.device_type)
-    start_step = common.resume_from(args.resume, raw_model, optimizer) if args.resume else 0
+    start_step = (common.resume_from(args.resume, raw_model, optimizer, args=args)
+                  if args.resume else 0)
     model = common.wrap_model(raw_model, s)
-    log = common.JsonlLogger(Path(args.out) / "mpm.jsonl") if s.master else None
+    log = (common.JsonlLogger(Path(args.out) / "mpm.jsonl",
+                              resume_step=start_step if args.resume else None) if s.master else None)
     # --- training loop: 1. batch + masks (CPU)  2. forward  3. backward + step
     bar = common.progress_bar(total, args.batch_size * s.world_size, start_step, s.master)
     record, t0 = None, time.time()
