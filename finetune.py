@@ -57,7 +57,6 @@ import argparse
 import copy
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -595,14 +594,11 @@ def main(args, splits=None):
         history=[r["history"] for r in runs],
         epochs_to_converge=[epochs_to_converge(r["history"]) for r in runs],
         git=common.git_hash(), versions=common.versions())
-    text = json.dumps(results, indent=1, allow_nan=False, default=str)  # default: Path
     with open(out / "test_repr.npz.tmp", "wb") as f:
         np.savez(f, z=runs[0]["z"], y=runs[0]["labels"][:len(runs[0]["z"])])
     os.replace(out / "test_repr.npz.tmp", out / "test_repr.npz")
     plot_roc(out / "roc.png", runs[0]["labels"], [r["probs"] for r in runs], spec["classes"])
-    tmp = out / "results.json.tmp"  # written last: a results.json means a finished run
-    tmp.write_text(text)
-    os.replace(tmp, out / "results.json")
+    common.write_json_atomic(out / "results.json", results)  # last: it means a finished run
     print(f"test, {args.seeds} seed(s): " + "  ".join(f"{m} {mean[m]:.4g} +- {std[m]:.2g}"
                                                     for m in keys))
     print(f"wrote {out / 'results.json'}, test_repr.npz and roc.png")
