@@ -63,7 +63,8 @@ def get_args(argv=None):
     g.add_argument("--size", default="1m", choices=list(SIZES), help="encoder/decoder/MLP size")
     g.add_argument("--features", choices=["auto", "full", "kin"], default="auto",
                    help="auto: kin on toptagging (no ID, impact parameters), else full")
-    g.add_argument("--drop-features", default="logptrel,logerel", help="features kept from the encoder")
+    g.add_argument("--drop-features", default="logptrel,logerel",
+                   help="features left out of the encoder input; the default closes the conservation shortcut")
     g.add_argument("--feature-mix", action="store_true", help="each decoder block reads a mix of all layers")
     g = p.add_argument_group("masking and loss")
     g.add_argument("--mask-ratio", type=common.number_type(float, lambda v: 0 < v < 1, "a fraction in (0, 1)"),
