@@ -26,22 +26,19 @@ import common
 import diffmae
 
 
-non_negative = diffmae.checked(float, lambda v: v >= 0, "a number >= 0")
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="a checkpoint written by diffmae.py")
-    p.add_argument("--data-dir", default=None, help="val data folder (default: the run's)")
-    p.add_argument("--n-eval", type=diffmae.positive, default=2000, help="val jets to check")
-    p.add_argument("--batch-size", type=diffmae.positive, default=256, help="jets per batch")
-    p.add_argument("--sample-steps", type=diffmae.positive, default=100, help="respaced DDPM steps")
-    p.add_argument("--sample-temperature", type=non_negative, default=1.0,
+    p.add_argument("--data-dir", default=None, help="val data folder (None: the run's)")
+    p.add_argument("--n-eval", type=common.positive_int, default=2000, help="val jets to check")
+    p.add_argument("--batch-size", type=common.positive_int, default=256, help="jets per batch")
+    p.add_argument("--sample-steps", type=common.positive_int, default=100, help="respaced DDPM steps")
+    p.add_argument("--sample-temperature", type=common.nonneg_float, default=1.0,
                    help="scales the noise added at each step (not the start)")
-    p.add_argument("--sample-clip", type=non_negative, default=5.0,
+    p.add_argument("--sample-clip", type=common.nonneg_float, default=5.0,
                    help="clamp the predicted x0 to +-this in input units (ParT's recipe clips to +-5); 0: off")
-    p.add_argument("--seed", type=int, default=0, help="seed of the masks and the sampler noise")
+    p.add_argument("--seed", type=common.nonneg_int, default=0, help="seed of the masks and the sampler noise")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--plot", default=None, metavar="PNG", help="also write histograms of four features")
     return p.parse_args(argv)

@@ -20,7 +20,7 @@ per-phase timers and --bench / --profile flags that used to live in the method s
   python bench_train.py --method jetclr --data-dir data/pythia10 --device cpu --batch-size 64 \
       --steps 5 --method-args "--dim 32 --depth 2"
   python bench_train.py --method diffmae --data jetclass --batch-size 512 --steps 50 \
-      --method-args "--preset 8m --attn expand --compile"
+      --method-args "--size 8m --compile"
 """
 import argparse
 import contextlib
@@ -49,24 +49,26 @@ METHODS = {"jjepa": jjepa, "jetclr": jetclr, "mpm": mpm, "diffmae": diffmae}
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--batch-size", type=int, default=None, help="jets per step (default 512 on CUDA, 16 on CPU)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 50 on CUDA, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed steps before timing, compilation included (default 10 on CUDA, 5 on "
-                        "CPU: weaver's trimmer starts cutting padding only after 5 steps)")
-    p.add_argument("--n-max", type=int, default=128, help="padded particles per jet")
-    p.add_argument("--preset", choices=list(common.ENCODER_PRESETS), default="part",
+    p.add_argument("--batch-size", type=common.positive_int, default=None,
+                   help="jets per step (None: 512 on CUDA, 16 on CPU; --method: 64)")
+    p.add_argument("--steps", type=common.positive_int, default=None,
+                   help="timed steps (None: 50 on CUDA, 3 on CPU; --method: 5)")
+    p.add_argument("--warmup", type=common.nonneg_int, default=None,
+                   help="untimed steps before timing, compilation included (None: 10 on CUDA, 5 on "
+                        "CPU: weaver's trimmer starts cutting padding only after 5 steps; --method: 2)")
+    p.add_argument("--n-max", type=common.positive_int, default=128, help="padded particles per jet")
+    p.add_argument("--size", choices=list(common.ENCODER_PRESETS), default="part",
                    help="our encoder's size (weaver's model always has ParT's size)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time torch.compile'd models (default: on with CUDA, off on CPU)")
+                   help="also time torch.compile'd models (None: on with CUDA, off on CPU)")
     p.add_argument("--no-weaver", action="store_true", help="skip weaver even when it is installed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=common.nonneg_int, default=0, help="seed of the batches and weights")
     g = p.add_argument_group("--method: one method's training loop on real jets")
     g.add_argument("--method", choices=list(METHODS), default=None,
                    help="time this method script's train() (data vs step) instead of the synthetic Encoder")
     g.add_argument("--data", choices=["pythia", "jetclass", "toptagging"], default="pythia")
-    g.add_argument("--data-dir", default=None, help="data folder (default: data/<data>)")
-    g.add_argument("--n-eval", type=int, default=256, help="validation/test jets of the run's final evaluation")
+    g.add_argument("--data-dir", default=None, help="data folder (None: data/<data>)")
+    g.add_argument("--n-eval", type=common.positive_int, default=256, help="validation/test jets of the run's final evaluation")
     g.add_argument("--method-args", default="", help='extra flags for the method script, e.g. "--dim 32"')
     return p.parse_args(argv)
 
@@ -141,7 +143,7 @@ def main(args):
     print(f"torch {torch.__version__} | {name} | batch {args.batch_size} x {args.n_max} | "
           f"{'bf16 autocast' if cuda else 'fp32'} | steps {args.warmup} warm-up + {args.steps} timed")
 
-    cfg = dataclasses.replace(common.ENCODER_PRESETS[args.preset], in_dim=17)  # "full" features
+    cfg = dataclasses.replace(common.ENCODER_PRESETS[args.size], in_dim=17)  # "full" features
     g = torch.Generator().manual_seed(args.seed)
     batches = [make_batch(args.batch_size, args.n_max, cfg.in_dim, g) for _ in range(4)]
     # ours: trimmed on the host before the copy, as a data loader would
@@ -150,7 +152,7 @@ def main(args):
         valid, x, p4 = common.trim_batch(valid, x, p4)
         ours.append([t.to(device) for t in (x, valid, p4, y)])
     print("our trimmed lengths:", [b[1].shape[1] for b in ours])
-    runs = [("nanojet Encoder", f"{args.preset}", lambda: Classifier(cfg), ours,
+    runs = [("nanojet Encoder", f"{args.size}", lambda: Classifier(cfg), ours,
              lambda b: ((b[0], b[1], b[2]), b[3]))]
 
     try:

@@ -1605,8 +1605,9 @@ def collapse_stats(z):
 # --- shared flags -----------------------------------------------------------------------------
 
 
-def _number_type(kind, name, ok, what):
-    """An argparse type: parse with `kind`, then check `ok` (a bad value is a one-line usage error)."""
+def number_type(kind, ok, what):
+    """An argparse type: parse with `kind`, then check `ok`; a bad value is a one-line usage
+    error, "argument --flag: 'x' is not <what>". Every script builds its numeric types here."""
     def parse(text):
         try:
             value = kind(text)
@@ -1615,15 +1616,16 @@ def _number_type(kind, name, ok, what):
         if not (math.isfinite(value) and ok(value)):
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
         return value
-    parse.__name__ = name  # argparse names the type in its messages
+    parse.__name__ = what  # argparse names the type in its messages
     return parse
 
 
-positive_int = _number_type(int, "positive_int", lambda v: v > 0, "a positive integer")
-nonneg_int = _number_type(int, "nonneg_int", lambda v: v >= 0, "an integer >= 0")
-positive_float = _number_type(float, "positive_float", lambda v: v > 0, "a number > 0")
-nonneg_float = _number_type(float, "nonneg_float", lambda v: v >= 0, "a number >= 0")
-fraction = _number_type(float, "fraction", lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+positive_int = number_type(int, lambda v: v > 0, "a positive integer")
+nonneg_int = number_type(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = number_type(float, lambda v: v > 0, "a number > 0")
+nonneg_float = number_type(float, lambda v: v >= 0, "a number >= 0")
+fraction = number_type(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+unit = number_type(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def add_common_args(parser, skip=()):
@@ -1674,6 +1676,8 @@ def add_common_args(parser, skip=()):
         help="continue the run saved in this checkpoint (weights, optimizer, RNG, data order)")
     add("--eval-every", type=nonneg_int, default=0,
         help="evaluate every this many steps (0: at the end of each epoch)")
+    add("--log-every", type=positive_int, default=10,
+        help="print the loss and step time every N steps")
     return parser
 
 

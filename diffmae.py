@@ -50,17 +50,8 @@ PRESETS = {"paper": dict(size="8m", drop_features="", mask_ratio=0.125, pred_rat
                          diff_steps=1000, diff_mul=4, weight_decay=0.02, grad_clip=3.0)}
 
 
-def checked(kind, ok, what):  # an argparse type: a bad value is a one-line usage error
-    def parse(text):
-        if not ok(value := kind(text)):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-    return parse
-
-
-positive = checked(int, lambda v: v > 0, "a positive integer")
-fraction = checked(float, lambda v: 0 < v < 1, "a fraction in (0, 1)")
-pred_ratio = checked(str, lambda v: v == "1tok" or 0 < float(v) <= 1, "1tok or a fraction in (0, 1]")
+def pred_ratio(text):  # argparse type: "1tok" (one particle per jet) or a fraction in (0, 1], as text
+    return text if text == "1tok" else str(common.fraction(text))
 
 
 def get_args(argv=None):
@@ -72,14 +63,17 @@ def get_args(argv=None):
     g.add_argument("--size", default="1m", choices=list(SIZES), help="encoder/decoder/MLP size")
     g.add_argument("--features", choices=["auto", "full", "kin"], default="auto",
                    help="auto: kin on toptagging (no ID, impact parameters), else full")
-    g.add_argument("--drop-features", default="logptrel,logerel", help="features kept from the encoder")
+    g.add_argument("--drop-features", default="logptrel,logerel",
+                   help="features left out of the encoder input; the default closes the conservation shortcut")
     g.add_argument("--feature-mix", action="store_true", help="each decoder block reads a mix of all layers")
     g = p.add_argument_group("masking and loss")
-    g.add_argument("--mask-ratio", type=fraction, default=0.125, help="fraction of particles hidden")
+    g.add_argument("--mask-ratio", type=common.number_type(float, lambda v: 0 < v < 1, "a fraction in (0, 1)"),
+                   default=0.125, help="fraction of particles hidden")
     g.add_argument("--pred-ratio", type=pred_ratio, default="1tok", help="fraction of the jet decoded, or 1tok")
-    g.add_argument("--diff-steps", type=positive, default=1000, help="diffusion steps of the schedule")
-    g.add_argument("--diff-mul", type=positive, default=4, help="(t, noise) draws per token per step")
-    g.add_argument("--log-every", type=positive, default=10, help="print loss and step time every N steps")
+    g.add_argument("--diff-steps", type=common.positive_int, default=1000,
+                   help="diffusion steps of the schedule")
+    g.add_argument("--diff-mul", type=common.positive_int, default=4,
+                   help="(t, noise) draws per token per step")
     p.set_defaults(lr=1e-3, weight_decay=0.02, grad_clip=3.0, n_eval=2000)
     args = p.parse_args(argv)
     if args.preset:
@@ -360,9 +354,10 @@ def train(args):
     groups = common.decay_groups(rest, args.weight_decay) + [dict(params=list(raw_model.diff.parameters()),
                                                                   weight_decay=0.0)]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+    start = common.resume_from(args.resume, raw_model, opt, args=args) if args.resume else 0
     model = common.wrap_model(raw_model, s)
-    start = common.resume_from(args.resume, raw_model, opt) if args.resume else 0
-    log = common.JsonlLogger(os.path.join(args.out, "diffmae.jsonl"))
+    log = (common.JsonlLogger(os.path.join(args.out, "diffmae.jsonl"), resume_step=start if args.resume else None)
+           if s.master else None)  # one writer: rank 0 drops the records a resumed run logs again
     n_enc, n_all = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (raw_model.encoder, raw_model))
     if s.master:
         print(f"diffmae {args.size}, preset {args.preset}: {n_enc:.2f}M encoder params ({n_all:.2f}M in all), "
@@ -395,6 +390,7 @@ def train(args):
             common.save_checkpoint(os.path.join(args.out, "diffmae.pt"), method="diffmae", args=args,
                                    encoder_config=cfg, encoder=raw_model.encoder, model=raw_model,
                                    optimizer=opt, step=step + 1)
+            t0 = time.time()  # the next dt is a training step's, not the evaluation's
     bar.close()
 
     # --- end of run: the linear probe, fitted on a bounded train sample, scored on val ---

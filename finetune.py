@@ -57,7 +57,6 @@ import argparse
 import copy
 import dataclasses
 import functools
-import json
 import math
 import os
 import time
@@ -85,25 +84,6 @@ N_REPR = 5000           # test jets whose encoder vectors go to test_repr.npz
 # --- config -----------------------------------------------------------------------------------
 
 
-def _number(kind, ok, what):
-    """An argparse type: a bad value is a one-line usage error naming the flag."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not (math.isfinite(value) and ok(value)):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return value
-    return parse
-
-
-positive_int = _number(int, lambda v: v > 0, "a positive integer")
-nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
-unit = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -125,42 +105,39 @@ def get_args(argv=None):
                    default="linear",
                    help="linear/mlp: on the jet vector; mean: average of the valid tokens + linear;"
                         " flatten: all token slots + linear; cls-attn: 2 class-attention blocks")
-    g.add_argument("--head-hidden", type=positive_int, default=128,
+    g.add_argument("--head-hidden", type=common.positive_int, default=128,
                    help="hidden width of the mlp head")
     labels = g.add_mutually_exclusive_group()
-    labels.add_argument("--label-frac", type=fraction, default=1.0,
+    labels.add_argument("--label-frac", type=common.fraction, default=1.0,
                         help="fraction of the training jets whose labels are used (stratified)")
-    labels.add_argument("--n-labels", type=positive_int, default=None,
+    labels.add_argument("--n-labels", type=common.positive_int, default=None,
                         help="number of labelled training jets (stratified), instead of a fraction")
-    g.add_argument("--seeds", type=positive_int, default=1,
+    g.add_argument("--seeds", type=common.positive_int, default=1,
                    help="independent runs (seed, seed+1, ...): label subset, head init, data order")
-    g.add_argument("--label-smoothing", type=_number(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-                   default=0.0, help="cross-entropy label smoothing (MPM v2 used 0.1)")
+    g.add_argument("--label-smoothing", default=0.0,
+                   type=common.number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+                   help="cross-entropy label smoothing (MPM v2 used 0.1)")
     g.add_argument("--schedule", choices=["constant", "frozen-then-unfrozen"], default="constant",
                    help="finetune: train the backbone from the start, or freeze it first")
-    g.add_argument("--freeze-steps", type=nonneg_int, default=100,
+    g.add_argument("--freeze-steps", type=common.nonneg_int, default=100,
                    help="frozen-then-unfrozen: steps with the backbone frozen (MPM v2: 5000, or "
                         "100 for <= 1000 jets)")
-    g.add_argument("--ramp-steps", type=nonneg_int, default=100,
+    g.add_argument("--ramp-steps", type=common.nonneg_int, default=100,
                    help="frozen-then-unfrozen: steps over which the backbone lr ramps from 1e-8 "
                         "to the head's")
     g.add_argument("--task", choices=["supervised", "cwola"], default="supervised",
                    help="cwola: learn from two mixed samples labelled by sample only")
-    g.add_argument("--signal-frac", type=unit, default=None,
+    g.add_argument("--signal-frac", type=common.unit, default=None,
                    help="cwola: fraction of signal jets in the second mixed sample")
-    g.add_argument("--min-subjets", type=_number(int, lambda v: 0 <= v <= 20, "an integer in [0, 20]"),
-                   default=0, help="use only jets with at least this many non-empty C/A R=0.2 "
-                                   "subjets of their --n-max particles (J-JEPA evaluates on "
-                                   ">= 10); 0: every jet")
-    g.add_argument("--log-every", type=positive_int, default=50,
-                   help="print the loss, lr and step time every this many steps")
+    g.add_argument("--min-subjets", default=0,
+                   type=common.number_type(int, lambda v: 0 <= v <= 20, "an integer in [0, 20]"),
+                   help="use only jets with at least this many non-empty C/A R=0.2 subjets of "
+                        "their --n-max particles (J-JEPA evaluates on >= 10); 0: every jet")
     g.add_argument("--name", default=None,
                    help="results folder under --out (None: built from method, mode, head, labels)")
     common.add_common_args(p, skip=("resume",))
-    p.set_defaults(epochs=20, batch_size=256, lr=1e-3, weight_decay=0.01)
+    p.set_defaults(epochs=20, batch_size=256, lr=1e-3, weight_decay=0.01, log_every=50)
     args = p.parse_args(argv)
-    if args.epochs < 1:  # until common's shared flags carry argparse types
-        p.error(f"argument --epochs: {args.epochs} is not a positive integer")
     if args.ckpt is None and not args.scratch:
         p.error("give --ckpt (a pretrained encoder) or --scratch (random init of --size)")
     if args.task == "cwola" and args.signal_frac is None:
@@ -617,14 +594,11 @@ def main(args, splits=None):
         history=[r["history"] for r in runs],
         epochs_to_converge=[epochs_to_converge(r["history"]) for r in runs],
         git=common.git_hash(), versions=common.versions())
-    text = json.dumps(results, indent=1, allow_nan=False, default=str)  # default: Path
     with open(out / "test_repr.npz.tmp", "wb") as f:
         np.savez(f, z=runs[0]["z"], y=runs[0]["labels"][:len(runs[0]["z"])])
     os.replace(out / "test_repr.npz.tmp", out / "test_repr.npz")
     plot_roc(out / "roc.png", runs[0]["labels"], [r["probs"] for r in runs], spec["classes"])
-    tmp = out / "results.json.tmp"  # written last: a results.json means a finished run
-    tmp.write_text(text)
-    os.replace(tmp, out / "results.json")
+    common.write_json_atomic(out / "results.json", results)  # last: it means a finished run
     print(f"test, {args.seeds} seed(s): " + "  ".join(f"{m} {mean[m]:.4g} +- {std[m]:.2g}"
                                                     for m in keys))
     print(f"wrote {out / 'results.json'}, test_repr.npz and roc.png")

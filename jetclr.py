@@ -50,21 +50,6 @@ import common
 
 # --- config -------------------------------------------------------------------------------------
 
-def _number(cast, ok, what):  # an argparse type: parse, then check the value
-    def parse(text):
-        if not ok(value := cast(text)):
-            raise argparse.ArgumentTypeError(f"{text} is not {what}")
-        return value
-    return parse
-
-
-positive_int = _number(int, lambda v: v > 0, "a positive integer")
-nonneg_int = _number(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _number(float, lambda v: v > 0, "a number > 0")
-nonneg_float = _number(float, lambda v: v >= 0, "a number >= 0")
-fraction = _number(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -73,28 +58,30 @@ def get_args(argv=None):
     g = p.add_argument_group("augmentations (each view drawn independently; 0 turns one off)")
     g.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=True,
                    help="rotate (deta, dphi) about the jet axis by an angle U[0, 2pi)")
-    g.add_argument("--translate-width", type=nonneg_float, default=1.0,
+    g.add_argument("--translate-width", type=common.nonneg_float, default=1.0,
                    help="shift each jet by U(+-width x its extent) in eta and in phi")
-    g.add_argument("--smear-gev", type=nonneg_float, default=0.1,
+    g.add_argument("--smear-gev", type=common.nonneg_float, default=0.1,
                    help="smear eta and phi of each particle by N(0,1) x smear-gev / pT")
-    g.add_argument("--split-prob", type=fraction, default=0.5,
+    g.add_argument("--split-prob", type=common.unit, default=0.5,
                    help="probability of a collinear split (z ~ U(0,1)) of each particle")
     g = p.add_argument_group("model and loss")
-    g.add_argument("--dim", type=positive_int, default=64, help="encoder width")
-    g.add_argument("--heads", type=positive_int, default=4, help="attention heads")
-    g.add_argument("--depth", type=nonneg_int, default=4, help="particle self-attention blocks")
-    g.add_argument("--cls-depth", type=positive_int, default=2, help="class blocks (--pooling cls)")
+    g.add_argument("--dim", type=common.positive_int, default=64, help="encoder width")
+    g.add_argument("--heads", type=common.positive_int, default=4, help="attention heads")
+    g.add_argument("--depth", type=common.nonneg_int, default=4,
+                   help="particle self-attention blocks")
+    g.add_argument("--cls-depth", type=common.positive_int, default=2,
+                   help="class blocks (--pooling cls)")
     g.add_argument("--pair-bias", action=argparse.BooleanOptionalAction, default=False,
                    help="add ParT pair features as attention bias")
     g.add_argument("--pooling", choices=["ptsum", "cls"], default="ptsum",
                    help="jet vector: pT-weighted sum of tokens (IR-safe) or class attention")
-    g.add_argument("--proj-dim", type=positive_int, default=64, help="projection head output size")
-    g.add_argument("--nt-xent-temperature", type=positive_float, default=0.1,
+    g.add_argument("--proj-dim", type=common.positive_int, default=64,
+                   help="projection head output size")
+    g.add_argument("--nt-xent-temperature", type=common.positive_float, default=0.1,
                    help="temperature of the NT-Xent softmax over cosine similarities")
-    g = p.add_argument_group("evaluation and logging")
+    g = p.add_argument_group("evaluation")
     g.add_argument("--lct", action=argparse.BooleanOptionalAction, default=True,
                    help="end of run: linear classifier test (fitted on train, scored on val)")
-    g.add_argument("--log-every", type=positive_int, default=10, help="print every N steps")
     args = p.parse_args(argv)
     if args.dim % args.heads:
         p.error(f"--dim {args.dim} must be divisible by --heads {args.heads}")
@@ -344,13 +331,14 @@ def train(args):
     raw_model = JetCLR(cfg, args.proj_dim).to(s.device)
     optimizer = common.configure_optimizer(raw_model, args.lr, args.weight_decay,
                                            device_type=s.device_type)
-    start = common.resume_from(args.resume, raw_model, optimizer) if args.resume else 0
+    start = common.resume_from(args.resume, raw_model, optimizer, args=args) if args.resume else 0
     model = common.wrap_model(raw_model, s)
     total = args.steps or args.epochs * len(train_stream)
     warmup = common.warmup_steps(args.warmup, total)
     eval_every = args.eval_every or len(train_stream)
     jets_per_step = args.batch_size * s.world_size
-    logger = common.JsonlLogger(out / "jetclr.jsonl") if s.master else None
+    logger = (common.JsonlLogger(out / "jetclr.jsonl", resume_step=start if args.resume else None)
+              if s.master else None)
     if s.master:
         # the validation loss sees as many negatives as a training step: batches of B x W jets
         val_stream = common.JetStream(

@@ -47,11 +47,6 @@ PRESETS = {  # --preset: a paper's recipe; its values become defaults, explicit 
                    mask_frac=0.4, k=16384, label_smoothing=0.1, id_weight=0.3, lr=1e-3,
                    weight_decay=1e-5, warmup=50_000, batch_size=1000, steps=1_000_000,
                    drop_features="e_log,logptrel,logerel,deltaR")}
-CHECKS = [  # (flags, test, what a value must be): argparse reports a failure as a usage error
-    ("k kmeans_jets kmeans_steps log_every dim depth heads dec_dim dec_depth dec_heads",
-     lambda v: v > 0, "> 0"), ("id_weight n_registers", lambda v: v >= 0, ">= 0"),
-    ("mask_frac", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)")]
 
 
 def get_args(argv=None):
@@ -61,17 +56,20 @@ def get_args(argv=None):
     p.set_defaults(lr=1e-3, weight_decay=1e-5, batch_size=256, n_eval=10000)
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="a paper's recipe (docstring); explicit flags override its values")
-    p.add_argument("--log-every", type=int, default=10, help="print a training line every N steps")
     g = p.add_argument_group("masking and targets")
-    g.add_argument("--mask-frac", type=float, default=0.4,
+    g.add_argument("--mask-frac", default=0.4,
+                   type=common.number_type(float, lambda v: 0 < v < 1, "a fraction in (0, 1)"),
                    help="fraction of each jet's real particles masked (floor(f n), in [1, n - 1])")
-    g.add_argument("--k", type=int, default=512, help="K-means centroids (v1 512, v2 16384)")
-    g.add_argument("--kmeans-jets", type=int, default=50_000,
+    g.add_argument("--k", type=common.positive_int, default=512,
+                   help="K-means centroids (v1 512, v2 16384)")
+    g.add_argument("--kmeans-jets", type=common.positive_int, default=50_000,
                    help="jets (from random train files) K-means and target scales are fitted on")
-    g.add_argument("--kmeans-steps", type=int, default=300, help="mini-batch K-means steps")
-    g.add_argument("--label-smoothing", type=float, default=0.1,
+    g.add_argument("--kmeans-steps", type=common.positive_int, default=300,
+                   help="mini-batch K-means steps")
+    g.add_argument("--label-smoothing", default=0.1,
+                   type=common.number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
                    help="of the token and ID cross-entropies (v2: 0.1)")
-    g.add_argument("--id-weight", type=float, default=0.3,
+    g.add_argument("--id-weight", type=common.nonneg_float, default=0.3,
                    help="weight of the particle-ID task (needs 'full' features; 0: off)")
     g.add_argument("--drop-features", default="logptrel,logerel", help="names left out of the "
                    "encoder input; the default closes the conservation shortcut (docstring)")
@@ -80,18 +78,17 @@ def get_args(argv=None):
                               ("heads", 4, "encoder heads"), ("n-registers", 2, "register tokens"),
                               ("dec-dim", 64, "decoder width"), ("dec-depth", 2, "decoder blocks"),
                               ("dec-heads", 4, "decoder heads")]:
-        g.add_argument(f"--{name}", type=int, default=value, help=what)
+        g.add_argument(f"--{name}", default=value, help=what,
+                       type=common.nonneg_int if name == "n-registers" else common.positive_int)
     args = p.parse_args(argv)
     if args.preset:
         p.set_defaults(**PRESETS[args.preset])
         args = p.parse_args(argv)
-    bad = [f"--{k.replace('_', '-')} {getattr(args, k)} must be {what}"
-           for keys, ok, what in CHECKS for k in keys.split() if not ok(getattr(args, k))]
     # "full" (ID and impact parameters) except on Top Tagging, whose files carry neither
     args.features = "kin" if args.data == "toptagging" else "full"
     names = [common.FEATURE_NAMES[args.features][c] for c in input_cols(args.features)]
-    bad += [f"--drop-features: {n!r} is not one of the '{args.features}' inputs {names}"
-            for n in args.drop_features.split(",") if n and n not in names]
+    bad = [f"--drop-features: {n!r} is not one of the '{args.features}' inputs {names}"
+           for n in args.drop_features.split(",") if n and n not in names]
     if bad:
         p.error("; ".join(bad))
     return args
@@ -363,9 +360,11 @@ def train(args, jets=None):
           f"{sum(p.numel() for p in raw_model.encoder.parameters()):,}")
     optimizer = common.configure_optimizer(raw_model, args.lr, args.weight_decay,
                                            device_type=s.device_type)
-    start_step = common.resume_from(args.resume, raw_model, optimizer) if args.resume else 0
+    start_step = (common.resume_from(args.resume, raw_model, optimizer, args=args)
+                  if args.resume else 0)
     model = common.wrap_model(raw_model, s)
-    log = common.JsonlLogger(Path(args.out) / "mpm.jsonl") if s.master else None
+    log = (common.JsonlLogger(Path(args.out) / "mpm.jsonl",
+                              resume_step=start_step if args.resume else None) if s.master else None)
     # --- training loop: 1. batch + masks (CPU)  2. forward  3. backward + step
     bar = common.progress_bar(total, args.batch_size * s.world_size, start_step, s.master)
     record, t0 = None, time.time()

@@ -91,35 +91,35 @@ def get_args(argv=None):
                    help='extra flags for every finetune.py run, e.g. "--head mlp"')
     g = p.add_argument_group("data")
     g.add_argument("--pretrain-data", choices=["pythia", "jetclass", "toptagging"], default="jetclass")
-    g.add_argument("--pretrain-dir", default=None, help="pretraining data folder (default: data/<data>)")
+    g.add_argument("--pretrain-dir", default=None, help="pretraining data folder (None: data/<data>)")
     g.add_argument("--finetune-data", choices=["pythia", "jetclass", "toptagging"], default="toptagging")
-    g.add_argument("--finetune-dir", default=None, help="fine-tuning data folder (default: data/<data>)")
+    g.add_argument("--finetune-dir", default=None, help="fine-tuning data folder (None: data/<data>)")
     g.add_argument("--pretrain-jets", default="10000,100000,1000000",
                    help="comma-separated pretraining sizes (class-balanced subsets)")
     g.add_argument("--labels", default="100,1000,10000,all",
                    help="comma-separated numbers of labelled fine-tuning jets, or all")
-    g.add_argument("--n-eval", type=int, default=None,
-                   help="validation/test jets of every run (>= 5000 resolves 1/eps_B at low labels)")
+    g.add_argument("--n-eval", type=common.positive_int, default=None,
+                   help="validation/test jets of every run, pretraining and fine-tuning (None: each "
+                        "script's; >= 5000 resolves 1/eps_B at low labels)")
     g = p.add_argument_group("training")
-    g.add_argument("--seeds", type=int, default=5, help="fine-tuning seeds per cell (seed, seed+1, ...)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the pretraining and the first fine-tuning")
-    g.add_argument("--steps", type=int, default=None,
+    g.add_argument("--seeds", type=common.positive_int, default=5, help="fine-tuning seeds per cell (seed, seed+1, ...)")
+    g.add_argument("--seed", type=common.nonneg_int, default=0, help="seed of the pretraining and the first fine-tuning")
+    g.add_argument("--steps", type=common.positive_int, default=None,
                    help="cap every pretraining and fine-tuning at this many optimizer steps (smoke runs)")
-    g.add_argument("--pretrain-epochs", type=int, default=None,
-                   help="pretraining epochs (default: the script's)")
-    g.add_argument("--finetune-epochs", type=int, default=None,
-                   help="fine-tuning epochs (default: finetune.py's)")
+    g.add_argument("--pretrain-epochs", type=common.positive_int, default=None,
+                   help="pretraining epochs (None: the script's)")
+    g.add_argument("--finetune-epochs", type=common.positive_int, default=None,
+                   help="fine-tuning epochs (None: finetune.py's)")
     g.add_argument("--finetune-mode", choices=["finetune", "probe"], default=None,
-                   help="finetune.py --mode (default: finetune; probe with --grid)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="batch size of every run (default: each script's)")
-    g.add_argument("--workers", type=int, default=None, help="data-loader workers of every run")
+                   help="finetune.py --mode (None: finetune; probe with --grid)")
+    g.add_argument("--batch-size", type=common.positive_int, default=None,
+                   help="batch size of every run (None: each script's)")
+    g.add_argument("--workers", type=common.nonneg_int, default=None,
+                   help="data-loader workers of every run")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="out/study", help="folder of the cells and the report")
-    g.add_argument("--converge-tol", type=float, default=0.01,
-                   help="converged: validation accuracy within this fraction of the final one")
-    g.add_argument("--tsne-jets", type=int, default=2000, help="test jets per t-SNE map (0: no t-SNE)")
+    g.add_argument("--tsne-jets", type=common.nonneg_int, default=2000, help="test jets per t-SNE map (0: no t-SNE)")
     g.add_argument("--in-process", action="store_true",
                    help="run the cells in this process (no torch import per cell: tests, tiny runs)")
     args = p.parse_args(argv)
@@ -298,34 +298,7 @@ def run_study(args):
     return rows
 
 
-# --- measures: convergence, mean +- std, 2 sigma -------------------------------------------------
-
-
-def converge_epochs(history, tol=0.01):
-    """Epochs until the validation accuracy first comes within `tol` (a fraction) of its final
-    value: history = one seed's [{"epoch", "step", "val_acc", ...}] in order, "epoch" 0-based as
-    finetune.py logs it (the end of epoch e is e + 1 epochs). None without history."""
-    if not history:
-        return None
-    final = history[-1]["val_acc"]
-    return next(h["epoch"] + 1 for h in history if h["val_acc"] >= (1 - tol) * final)
-
-
-def load_history(cell):
-    """Per-seed validation history of a fine-tuning cell: results.json's `history`, else rebuilt
-    from finetune.py's log.jsonl (one record per validation, with its seed)."""
-    results = json.loads((cell / "results.json").read_text())
-    if results.get("history"):
-        return results["history"]
-    if not (cell / "log.jsonl").exists():
-        return None
-    by_seed = {}
-    for line in (cell / "log.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "seed" in r and isinstance(r.get("val"), dict):
-            by_seed.setdefault(r["seed"], []).append(
-                dict(epoch=r["epoch"], step=r["step"], val_acc=r["val"]["acc"], val_auc=r["val"].get("auc")))
-    return [by_seed[k] for k in sorted(by_seed)] or None
+# --- measures: mean +- std, 2 sigma -------------------------------------------------------------
 
 
 def aggregate(values):
@@ -350,15 +323,14 @@ def compare(a, b, higher_is_better=True):
     return int(np.sign(d)) * (1 if higher_is_better else -1)
 
 
-def summarize(out, rows, tol):
-    """Fill each row with its seeds' metrics (`per_seed`, `history`) and their aggregates."""
+def summarize(out, rows):
+    """Fill each row with its seeds' metrics (results.json's `per_seed`, `history` and
+    `epochs_to_converge`, as finetune.py defines it) and their aggregates."""
     for r in rows:
-        cell = Path(out) / r["cell"]
-        res = json.loads((cell / "results.json").read_text())
-        hist = load_history(cell)
-        epochs = [converge_epochs(h, tol) for h in hist] if hist else [None] * len(res["per_seed"])
-        per_seed = [dict(s, epochs=e) for s, e in zip(res["per_seed"], epochs)]
-        r.update(n_train=res.get("n_train"), n_test=res.get("n_test"), per_seed=per_seed, history=hist,
+        res = json.loads((Path(out) / r["cell"] / "results.json").read_text())
+        per_seed = [dict(s, epochs=e) for s, e in zip(res["per_seed"], res["epochs_to_converge"])]
+        r.update(n_train=res.get("n_train"), n_test=res.get("n_test"), per_seed=per_seed,
+                 history=res["history"],
                  stats={k: aggregate([s.get(k) for s in per_seed]) for _, k, _ in METRICS})
     for r in rows:
         if not r["scratch"]:
@@ -397,9 +369,9 @@ def write_markdown(args, rows, path):
              f"({args.finetune_dir or 'default folder'}); mean ± sample std over {n_seeds} seed(s). "
              "Scratch = the same architecture from random weights (one row per architecture). "
              "▲ / ▼: better / worse than that scratch row by more than 2 sigma of the difference of "
-             "the means (sigma² = s₁²/n₁ + s₂²/n₂). Epochs to converge: first "
-             f"validation within {100 * args.converge_tol:g}% of the final validation accuracy (fewer is "
-             "better; - when finetune.py recorded no history).", ""]
+             "the means (sigma² = s₁²/n₁ + s₂²/n₂). Epochs to converge (finetune.py's "
+             "`epochs_to_converge`): the first validation whose accuracy is within 1% (relative) of "
+             "the final validation accuracy; fewer is better.", ""]
     for labels in args.label_counts:
         sub = [r for r in rows if r["labels"] == labels]
         n_train = next((r["n_train"] for r in sub if r.get("n_train")), None)
@@ -531,7 +503,7 @@ def tsne_map(out, cell, n_jets, seed=0):
 
 def plot_tsne(args, rows, path):
     """Scratch (left) against pretrained at the largest size (right), one row per model, at the
-    smallest label count. Returns False when finetune.py wrote no test_repr.npz."""
+    smallest label count. Returns False when a cell has no test_repr.npz."""
     import matplotlib.pyplot as plt
     labels = args.label_counts[0]
     pairs = []
@@ -563,7 +535,7 @@ def report(args, rows):
     import matplotlib
     matplotlib.use("Agg")
     out = Path(args.out)
-    rows = summarize(out, rows, args.converge_tol)
+    rows = summarize(out, rows)
     meta = {k: v for k, v in vars(args).items() if k not in ("sizes", "label_counts", "extra")}
     study = dict(args=meta, git=common.git_hash(), versions=common.versions(), rows=rows)
     tmp = out / "study.json.tmp"
@@ -576,7 +548,7 @@ def report(args, rows):
     made = args.tsne_jets > 0 and plot_tsne(args, rows, out / "tsne.png")
     print(f"wrote {out / 'study.json'}, {out / 'study.md'}, labels.png"
           + (", pretrain_size.png" if len(args.sizes) > 1 else "")
-          + (", tsne.png" if made else " (no t-SNE: finetune.py wrote no test_repr.npz)"))
+          + (", tsne.png" if made else " (no t-SNE: --tsne-jets 0, or a cell without test_repr.npz)"))
     return study
 
 

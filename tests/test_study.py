@@ -1,9 +1,9 @@
-"""study.py: the measures (convergence, mean +- std, 2 sigma), resume without redoing a finished
+"""study.py: the measures (mean +- std, 2 sigma), resume without redoing a finished
 cell, a failing cell's one-line error, and a tiny real study end to end.
 
 Most tests replace study.launch by a fake program that writes what the scripts write (a
-checkpoint, finetune.py's results.json with history and test_repr.npz) in milliseconds; the
-last test runs the real scripts in-process and needs the interfaces of issues 11 and 13."""
+checkpoint, finetune.py's results.json with history, epochs_to_converge and test_repr.npz) in
+milliseconds; the last test runs the real scripts in-process."""
 import json
 import math
 import sys
@@ -13,8 +13,6 @@ import pytest
 import torch
 
 import finetune
-import jetclr
-import mpm
 import study
 
 TINY_MODELS = ['jetclr=--dim 16 --depth 1 --cls-depth 1 --heads 2',
@@ -22,16 +20,6 @@ TINY_MODELS = ['jetclr=--dim 16 --depth 1 --cls-depth 1 --heads 2',
 
 
 # --- the measures --------------------------------------------------------------------------------
-
-
-def test_converge_epochs():
-    hist = [dict(epoch=e, step=10 * (e + 1), val_acc=a) for e, a in enumerate([0.5, 0.8, 0.89, 0.9, 0.9])]
-    assert study.converge_epochs(hist, tol=0.01) == 4   # 0.89 < 0.99 * 0.9 = 0.891
-    assert study.converge_epochs(hist, tol=0.02) == 3   # 0.89 >= 0.882
-    # an overshoot counts as having come within 1%: the final value is reached from above too
-    over = [dict(epoch=e, step=e, val_acc=a) for e, a in enumerate([0.6, 0.95, 0.9])]
-    assert study.converge_epochs(over) == 2
-    assert study.converge_epochs([]) is None and study.converge_epochs(None) is None
 
 
 def test_aggregate():
@@ -56,16 +44,6 @@ def test_compare_two_sigma():
     # one seed (no std) or an infinite rejection: nothing can be claimed
     assert study.compare(dict(mean=0.99, std=math.nan, n=1), b) == 0
     assert study.compare(dict(mean=math.inf, std=math.nan, n=3), b) == 0
-
-
-def test_history_from_log_jsonl(tmp_path):
-    """Before finetune.py writes `history`, the per-validation records of its log.jsonl serve."""
-    (tmp_path / "results.json").write_text(json.dumps(dict(per_seed=[{}, {}])))
-    recs = [dict(seed=s, step=e + 1, epoch=e, val=dict(acc=a, auc=0.5)) for s in (3, 4)
-            for e, a in enumerate([0.5, (0.7, 0.8)[s - 3]])]
-    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n")
-    hist = study.load_history(tmp_path)
-    assert [[h["val_acc"] for h in seed] for seed in hist] == [[0.5, 0.7], [0.5, 0.8]]
 
 
 def test_grid_variants():
@@ -102,10 +80,11 @@ def fake_launch(calls, fail_at=None):
         gain = 0.0 if "--scratch" in cmd or "mpm" in ckpt else 0.1
         per_seed = [dict(acc=0.7 + gain + 0.001 * k, auc=0.8 + gain + 0.001 * k, rej50=10 + 100 * gain + k,
                          rej30=30 + 100 * gain + k) for k in range(seeds)]
-        history = [[dict(epoch=e, step=e + 1, val_acc=a) for e, a in enumerate([0.5, 0.695, 0.7])]
+        history = [[dict(epoch=e + 1, step=e + 1, val_acc=a) for e, a in enumerate([0.5, 0.695, 0.7])]
                    for _ in range(seeds)]
         n_train = int(argv.get("--n-labels", 1000))
-        results = dict(per_seed=per_seed, history=history, n_train=n_train, n_test=50, classes=["QCD", "top"],
+        results = dict(per_seed=per_seed, history=history, n_train=n_train,
+                       epochs_to_converge=[finetune.epochs_to_converge(h) for h in history], n_test=50, classes=["QCD", "top"],
                        seeds=list(range(seed0, seed0 + seeds)))
         (out / "results.json").write_text(json.dumps(results))
         rng = np.random.default_rng(0)
@@ -201,24 +180,9 @@ def test_failing_subprocess_names_cell_and_log(tmp_path):
 # --- the real scripts, tiny ---------------------------------------------------------------------
 
 
-def _accepts_steps(get_args, argv):
-    try:
-        get_args([*argv, "--steps", "1"])
-        return True
-    except SystemExit:
-        return False
-
-
-NEEDS = [name for name, get_args, argv in (("jetclr.py", jetclr.get_args, []), ("mpm.py", mpm.get_args, []),
-                                            ("finetune.py", finetune.get_args, ["--scratch"]))
-         if not _accepts_steps(get_args, argv)]
-
-
-@pytest.mark.skipif(bool(NEEDS), reason=f"needs --steps in {', '.join(NEEDS)} (issue 11), and finetune.py's "
-                                        "results.json `history` + test_repr.npz (issue 13)")
 def test_tiny_study_end_to_end(tiny_pythia10, tiny_pythia, tmp_path, capsys):
     """2 methods x 2 sizes x 2 label counts x 2 seeds with the real scripts (in-process: no torch
-    import per cell). Needs --steps everywhere, and from finetune.py `history` and test_repr.npz."""
+    import per cell)."""
     argv = ["--methods", "jetclr,mpm", "--pretrain-data", "pythia", "--pretrain-dir", str(tiny_pythia10),
             "--finetune-data", "pythia", "--finetune-dir", str(tiny_pythia), "--pretrain-jets", "32,64",
             "--labels", "20,all", "--seeds", "2", "--steps", "3", "--batch-size", "16", "--n-eval", "10",
