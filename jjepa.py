@@ -54,16 +54,7 @@ PRESETS = {
 PAD = "batch"  # the encoder needs no fixed particle axis
 
 
-def checked(cast, ok):  # an argparse type: cast, then reject values outside the flag's range
-    def parse(text):
-        if not ok(value := cast(text)):
-            raise argparse.ArgumentTypeError(f"{text} is out of range")
-        return value
-    return parse
-
-
-POS, NON_NEG = checked(int, lambda v: v > 0), checked(int, lambda v: v >= 0)
-WEIGHT = checked(float, lambda v: v >= 0)
+POS, NON_NEG, WEIGHT = common.positive_int, common.nonneg_int, common.nonneg_float
 
 
 def get_args(argv=None):
@@ -72,7 +63,7 @@ def get_args(argv=None):
     common.add_common_args(p)
     p.set_defaults(epochs=4, batch_size=256, lr=None, weight_decay=0.01)
     g = p.add_argument_group("subjets")
-    g.add_argument("--subjet-r", type=checked(float, lambda v: v > 0), default=0.2, help="C/A radius")
+    g.add_argument("--subjet-r", type=common.positive_float, default=0.2, help="C/A radius")
     g.add_argument("--n-subjets", type=POS, default=20, help="leading subjets kept per jet")
     g.add_argument("--n-per-subjet", type=POS, default=30, help="leading particles per subjet")
     g.add_argument("--min-subjets", type=NON_NEG, default=0, help="jets below get no loss weight (paper: 10)")
@@ -86,15 +77,15 @@ def get_args(argv=None):
     g.add_argument("--pred-depth", type=POS, help="predictor blocks")
     g.add_argument("--pos-pt", action="store_true", help="add log pT_sub/pT_frame to the positions")
     g = p.add_argument_group("J-JEPA")
-    g.add_argument("--target-frac", type=checked(float, lambda v: 0 < v < 1), default=0.3,
+    g.add_argument("--target-frac", default=0.3,
+                   type=common.number_type(float, lambda v: 0 < v < 1, "a fraction in (0, 1)"),
                    help="fraction of a jet's non-empty subjets used as targets")
     g.add_argument("--context-frame", default="jet", choices=["jet", "context"],
                    help="context features relative to the whole jet (paper; leaks) or the context's sum")
-    g.add_argument("--ema-start", type=checked(float, lambda v: 0 <= v <= 1),
+    g.add_argument("--ema-start", type=common.unit,
                    help="EMA momentum at step 0; cosine schedule to 1 at the last step")
     g.add_argument("--var-weight", type=WEIGHT, help="VICReg variance term on the context jet vectors")
     g.add_argument("--cov-weight", type=WEIGHT, help="VICReg covariance term (both: 0 unless preset)")
-    g.add_argument("--log-every", type=POS, default=10, help="print a step line every N steps")
     args = p.parse_args(argv)
     for key, value in {"var_weight": 0.0, "cov_weight": 0.0, **PRESETS[args.preset]}.items():
         if getattr(args, key, None) is None:
