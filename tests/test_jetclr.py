@@ -373,3 +373,16 @@ def test_flags_one_way_each_and_validated():
     views = jetclr.two_views(p4, valid, torch.Generator().manual_seed(0), args)
     trimmed = common.trim_batch(valid, p4)
     torch.testing.assert_close(views[1], torch.cat([trimmed[1]] * 2), rtol=1e-5, atol=1e-3)
+
+
+def test_paper_preset_runs_20_steps(tiny_args):
+    """--preset paper sets the paper's recipe; flags given still win. The run shrinks the width
+    and batch (1000 wide does not fit a CPU test) but keeps the rest of the recipe."""
+    args = jetclr.get_args(["--preset", "paper"])
+    assert (args.dim, args.depth, args.heads, args.lr, args.batch_size, args.n_max,
+            args.pooling, args.nt_xent_temperature) == (1000, 4, 4, 5e-5, 128, 50, "ptsum", 0.1)
+    args = tiny_args("paper", "--preset", "paper", "--steps", "20", "--dim", "16",
+                     "--batch-size", "16")
+    assert (args.dim, args.batch_size, args.lr, args.n_max, args.depth) == (16, 16, 5e-5, 32, 1)
+    result = jetclr.train(args)
+    assert result["step"] == 20 and math.isfinite(result["loss"])
