@@ -52,9 +52,8 @@ import common
 
 # the paper's recipe (arXiv 2108.04253, public code; scaling study arXiv 2408.09343): width 1000,
 # 4 blocks of 4 heads, pT-weighted sum, temperature 0.1, Adam lr 5e-5, batch 128, 500 epochs on
-# 100k jets, 50 particles, every augmentation at the public code's strength. Published: the LCT
-# on Top Tagging reaches AUC about 0.98; the scaling study fine-tunes on it at 1/eps_B(0.5) up to
-# about 1000 with 1.2M labels. Not reproduced: the 0.5 log pT added to the attention logits.
+# 100k jets, 50 particles, every augmentation at the public code's strength. Not reproduced:
+# the 0.5 log pT added to the attention logits, and inputs (pT, eta, phi) instead of 7 "kin".
 PRESETS = {"paper": dict(dim=1000, depth=4, heads=4, pooling="ptsum", nt_xent_temperature=0.1,
                          lr=5e-5, batch_size=128, epochs=500, n_max=50, translate_width=1.0,
                          smear_gev=0.1, rotate=True)}
