@@ -9,6 +9,7 @@ One process per figure; set OMP_NUM_THREADS=1 for per-core numbers.
     python jetgen.py --out data/jc10 --classes all --preset jetclass --jets-per-class 20000 --workers 2
     python bench_data.py --make-folder data/jc_bench --from data/jc10 --copies 7
     python bench_data.py --stream data/jc_bench
+    python bench_data.py --stream data/jc_bench --workers 8 --n-jets 1000000   # GPU node: >= 50k jets/s?
 """
 import argparse
 import functools
@@ -143,7 +144,7 @@ def rss_child(folder, n_jets, steps, workers):
 def bench_stream(args):
     folder = Path(args.stream)
     for feats, sub in (("kin", False), ("full", False), ("full", True)):
-        for workers in (1, 2):
+        for workers in (int(w) for w in args.workers.split(",")):
             stream_rate(folder, feats, workers, args.n_jets, sub, args.batch_size)
     for n in (250_000, 1_000_000_000):  # the second: the whole folder
         subprocess.run([sys.executable, __file__, "--rss-child", str(folder), str(n)], check=True)
@@ -155,6 +156,7 @@ def main():
     ap.add_argument("--gen-jets", type=int, default=100, help="jets per class to generate (0: skip)")
     ap.add_argument("--batch-size", type=int, default=512, help="batch size for the cached epoch")
     ap.add_argument("--stream", metavar="DIR", help="benchmark the streaming loader on this JetClass-layout folder")
+    ap.add_argument("--workers", default="1,2", help="--stream: comma-separated loader worker counts")
     ap.add_argument("--make-folder", metavar="OUT", help="build a JetClass-layout folder from --from by hard links")
     ap.add_argument("--from", dest="src", metavar="DIR", help="a jetgen output folder (train/ val/ test/)")
     ap.add_argument("--copies", type=int, default=7, help="times each generated file appears in --make-folder")
