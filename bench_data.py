@@ -222,11 +222,12 @@ def main():
                 total += float(hit.x[idx].sum() + hit.p4[idx, :, 3].sum()) + hit.valid[idx].sum()
             return total
         timed(epoch, args.n_jets, f"cached epoch, 'full', shuffled numpy batches of {args.batch_size}")
-        if hasattr(common, "epoch_batches"):  # the training harness's own batch iterator
-            import torch
-            timed(lambda: sum(len(b["valid"]) for b in common.epoch_batches(
-                hit, args.batch_size, torch.device("cpu"), drop_last=False)),
-                args.n_jets, "cached epoch via common.epoch_batches (torch, trimmed)")
+        import torch
+        memory = common.JetStream(common.Jets(*(np.asarray(a) for a in (hit.x, hit.p4, hit.valid,
+                                                                        hit.y, hit.jet))),
+                                  batch_size=args.batch_size, n_max=hit.x.shape[1])
+        timed(lambda: sum(len(b["valid"]) for b in common.loader(memory, torch.device("cpu"))),
+              args.n_jets, "in-memory epoch via common.JetStream (torch, padded per batch)")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """nanojet common: everything the method scripts share, in four parts read top to bottom.
 
-1. Data. `load_jets(source, ...)` reads one of three sources into padded numpy arrays (`Jets`):
-   "pythia" (our jetgen.py output, generated on first use), "jetclass" (the real JetClass ROOT
-   files) and "toptagging" (the Top Tagging reference HDF5 files). Constituents are sorted by pT,
-   valid first, padded to n_max; features follow ParT's recipes. The result is cached as
-   memory-mapped .npy files, so a second load costs milliseconds. `iter_jets` streams data larger
-   than memory file by file; `cluster_subjets` / `load_subjets` recluster jets into subjets with
-   fastjet's vectorised interface. `python common.py download ...` fetches the real datasets.
+1. Data. Three sources: "pythia" (our jetgen.py output, generated on first use), "jetclass"
+   (the real JetClass ROOT files) and "toptagging" (the Top Tagging reference HDF5 files). The
+   readers yield ragged `Chunk`s (constituents pT-sorted, at most n_max; ParT's features).
+   `JetStream` is the one path every script trains and evaluates through, for splits of any
+   size: chunks read in DataLoader workers, classes interleaved, a shuffle buffer, shards per
+   rank and worker, exact resume; `loader` / `train_batches` iterate it. `load_jets` reads a
+   bounded sample into padded arrays (`Jets`, cached as memory-mapped .npy); `cluster_subjets`
+   reclusters jets into subjets with fastjet's vectorised interface. `python common.py
+   download ...` fetches the real datasets.
 2. Model blocks. A "ParT-lite" particle transformer (`Encoder`): particle embedding, pair
    features as an attention bias, pre-norm blocks, class attention; reusable `Block`/`ClassBlock`.
 3. Metrics. `roc_metrics`: accuracy, AUC, background rejection 1/eps_B at eps_S = 0.5 and 0.3.
-4. Training harness. Shared flags, device/DDP setup, AdamW + warm-up/cosine, atomic checkpoints
-   that resume bit for bit, a rank-sharded batch iterator, JSON-lines log and progress bar.
+4. Training harness. Shared flags (checked by argparse), device/DDP setup, AdamW + warm-up/
+   cosine, atomic checkpoints that resume bit for bit and refuse NaN, JSON-lines log, progress bar.
 """
 
 import argparse
@@ -1008,33 +1010,6 @@ class _quiet_fastjet:
         os.close(self.fd)
 
 
-def _array_digest(*arrays, block=1 << 24):
-    h = hashlib.blake2b(digest_size=16)
-    for a in arrays:
-        flat = a.reshape(-1)
-        step = max(1, block // max(a.itemsize, 1))
-        for i in range(0, len(flat), step):
-            h.update(np.ascontiguousarray(flat[i:i + step]).tobytes())
-        h.update(str(a.shape).encode())
-    return h.hexdigest()
-
-
-def load_subjets(jets, algorithm="ca", R=0.2, n_subjets=20, n_per_subjet=30, cache=True,
-                 cache_dir=None):
-    """cluster_subjets on `jets` (a Jets), cached like load_jets. The cache key is a digest of
-    jets.p4 and jets.valid plus the options, so any change of the jets or options misses."""
-    key = cache_key(kind="subjets", jets=_array_digest(jets.p4, jets.valid), algorithm=algorithm,
-                    R=R, n_subjets=n_subjets, n_per_subjet=n_per_subjet)
-    if cache and (hit := cache_load(Subjets, key, cache_dir)) is not None:
-        return hit
-    sub = cluster_subjets(jets.p4, jets.valid, algorithm, R, n_subjets, n_per_subjet)
-    if cache:
-        meta = dict(kind="subjets", algorithm=algorithm, R=R, n_subjets=n_subjets,
-                    n_per_subjet=n_per_subjet, n=len(sub))
-        sub = cache_save(sub, key, meta, cache_dir)
-    return sub
-
-
 # --- data: download -------------------------------------------------------------------------
 # `python common.py download jetclass --split val --dir data/JetClass`   (5M jets, one tarball)
 # `python common.py download toptagging --dir data/toptagging`           (train/val/test .h5)
@@ -1514,20 +1489,6 @@ def roc_metrics(y, score):
 
 
 # --- representation diagnostics (every pretraining script ends with these) ---------------------
-@torch.no_grad()
-def embed(encoder, inputs, device, ctx=contextlib.nullcontext(), batch_size=512, trim=("x", "p4")):
-    """Jet vectors (N, C) in fp32 on the CPU, in row order: encoder(**batch)[2] over the arrays
-    in `inputs` (a dict or Jets), in eval mode; the encoder's train/eval state is restored."""
-    was_training = encoder.training
-    encoder.eval()
-    out = []
-    for batch in epoch_batches(inputs, batch_size, device, shuffle=False, drop_last=False, trim=trim):
-        with ctx:
-            out.append(encoder(**batch)[2].float().cpu())
-    encoder.train(was_training)
-    return torch.cat(out)
-
-
 @torch.no_grad()
 def embed_stream(encoder, stream, device, ctx=contextlib.nullcontext(), inputs=("x", "valid", "p4")):
     """Jet vectors (N, C) fp32 and labels (N,) on the CPU from one pass over `stream` (a JetStream
@@ -2032,51 +1993,6 @@ def build_encoder(cfg):
 def encoder_inputs(batch, cfg=None):
     """Its forward arguments from a stream batch (dict of tensors on the device)."""
     return dict(x=batch["x"], valid=batch["valid"], p4=batch["p4"])
-
-
-# --- batches ------------------------------------------------------------------------------------
-
-
-def as_arrays(data):
-    """A Jets object (or any dataclass of arrays) or a dict of arrays -> dict of arrays."""
-    if isinstance(data, dict):
-        return data
-    return {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
-
-
-def steps_per_epoch(n, batch_size, world_size=1):
-    """Full steps per epoch; the remainder is dropped so every rank takes the same number of
-    equally sized steps (DDP would hang otherwise and torch.compile sees one batch size)."""
-    return n // (batch_size * world_size)
-
-
-def epoch_batches(data, batch_size, device, *, seed=0, epoch=0, shuffle=True, rank=0,
-                  world_size=1, start=0, drop_last=True, trim=("x", "p4")):
-    """Yield batches (dicts of tensors on `device`) of one epoch. The order is a permutation
-    drawn from (seed, epoch) alone, so a resumed run sees the same batches (`start` skips the
-    steps already taken) and all ranks agree on it; rank r takes the r-th slice of each step, so
-    ranks never share jets. The particle axis of `valid` and of the `trim` arrays is cut to the
-    longest jet in the batch (trim_batch; trim=() turns that off). drop_last=False is for
-    one-process evaluation."""
-    arrays = as_arrays(data)
-    n = len(next(iter(arrays.values())))
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    per_step = batch_size * world_size
-    n_steps = steps_per_epoch(n, batch_size, world_size) if drop_last else math.ceil(n / per_step)
-    pin = device.type == "cuda"
-    for step in range(start, n_steps):
-        # sorted indices read a memory-mapped cache in file order; order within a batch is moot
-        idx = np.sort(order[step * per_step + rank * batch_size:][:batch_size])
-        if len(idx) == 0:
-            continue
-        batch = {k: torch.from_numpy(np.ascontiguousarray(a[idx])) for k, a in arrays.items()
-                 if a is not None}
-        keys = [k for k in trim if k in batch]
-        if trim and "valid" in batch:  # trim=() for inputs whose axis 1 is not particles
-            valid, *trimmed = trim_batch(batch["valid"], *[batch[k] for k in keys])
-            batch.update(valid=valid, **dict(zip(keys, trimmed)))
-        yield {k: (t.pin_memory() if pin else t).to(device, non_blocking=True)
-               for k, t in batch.items()}
 
 
 # --- logging ------------------------------------------------------------------------------------

@@ -276,16 +276,13 @@ def test_subjets_partition_and_sum(toptagging_fixture, algorithm):
     assert (np.diff(np.where(s.valid, ppt, -1), axis=2) <= 0).all()
 
 
-def test_subjets_cut_and_cached(toptagging_fixture, tmp_cache):
+def test_subjets_cut(toptagging_fixture):
     j = common.load_jets("toptagging", toptagging_fixture, n_max=128)
-    s = common.load_subjets(j, n_subjets=20, n_per_subjet=30)
+    s = common.cluster_subjets(j.p4, j.valid, n_subjets=20, n_per_subjet=30)
     assert s.p4.shape == (300, 20, 4) and s.idx.shape == (300, 20, 30)
     full = common.cluster_subjets(j.p4, j.valid, n_subjets=128, n_per_subjet=128)
     np.testing.assert_array_equal(s.idx, full.idx[:, :20, :30])
-    again = common.load_subjets(j, n_subjets=20, n_per_subjet=30)
-    assert isinstance(again.idx, np.memmap)
-    np.testing.assert_array_equal(again.idx, s.idx)
-    other = common.load_subjets(j, R=0.4, n_subjets=20, n_per_subjet=30)
+    other = common.cluster_subjets(j.p4, j.valid, R=0.4, n_subjets=20, n_per_subjet=30)
     assert not np.array_equal(other.idx, s.idx)
     with pytest.raises(ValueError, match="algorithm"):
         common.cluster_subjets(j.p4, j.valid, algorithm="siscone")

@@ -105,25 +105,6 @@ def test_weight_decay_only_on_matrices():
 # --- batches ------------------------------------------------------------------------------------
 
 
-def test_epoch_batches_order_shards_and_trim():
-    data = toy_data(n=50)
-    seen = lambda **kw: [b["idx"].tolist() for b in common.epoch_batches(data, 8, CPU, **kw)]  # noqa
-    a, b = seen(seed=1, epoch=0), seen(seed=1, epoch=0)
-    assert a == b and len(a) == 6                                           # 50 // 8, last dropped
-    assert seen(seed=1, epoch=1) != a                                       # new epoch, new order
-    assert seen(seed=1, epoch=0, start=4) == a[4:]                          # resume skips steps
-    r0, r1 = seen(seed=1, rank=0, world_size=2), seen(seed=1, rank=1, world_size=2)
-    assert len(r0) == len(r1) == 3
-    assert not set(sum(r0, [])) & set(sum(r1, []))                          # disjoint shards
-    everything = sum(seen(shuffle=False, drop_last=False), [])
-    assert everything == list(range(50))
-    for batch in common.epoch_batches(data, 8, CPU, seed=0):
-        n = int(batch["valid"].sum(1).max())
-        assert batch["x"].shape[1] == batch["valid"].shape[1] == min(20, math.ceil(n / 16) * 16)
-        rows = torch.from_numpy(data["x"][batch["idx"].numpy()])
-        assert torch.equal(batch["x"], rows[:, :batch["x"].shape[1]])
-
-
 # --- checkpoints and resume ---------------------------------------------------------------------
 
 
