@@ -165,7 +165,7 @@ def test_pair_bias_triangle_matches_full(model):
 def test_bench_smoke():
     import bench_train
     rows = bench_train.main(bench_train.get_args(
-        ["--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--preset", "small",
+        ["--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--size", "small",
          "--no-weaver", "--no-compile"]))
     assert len(rows) == 1 and rows[0][4] > 0
 
