@@ -837,44 +837,45 @@ class JetStream(torch.utils.data.IterableDataset):
         B, made = self.batch_size, 0
         keep = self.buffer // 2 if self.shuffle else 0   # jets left in the buffer after a draw
 
-        def draw(buf, final=False):
-            """Batches drawn at random from buf; returns (batches, what stays in the buffer)."""
+        def draw(chunks, final=False):
+            """Yield batches drawn at random from the buffered chunks (emptying the list); return
+            the jets that stay in the buffer. At most two copies of the buffer exist at once."""
             nonlocal made
+            buf = Chunk.join(chunks)
+            chunks.clear()
             idx = rng.permutation(len(buf)) if self.shuffle else np.arange(len(buf))
             k = len(buf) if final else (len(buf) - keep) // B * B
             out, rest = buf.take(idx[:k]), buf.take(idx[k:])  # one copy; batches are slices
+            del buf
             ends = np.concatenate([[0], np.cumsum(out.n)])
-            batches = []
             for a in range(0, k, B):
                 b = min(a + B, k)
                 if b - a < B and self.drop_last:
                     break
                 made += 1
                 if made > skip:  # skipped batches (resume) are read and drawn, never padded
-                    batches.append(self._collate(Chunk(
-                        out.x[ends[a]:ends[b]], out.p4[ends[a]:ends[b]], out.n[a:b],
-                        {name: v[a:b] for name, v in out.per_jet.items()})))
-            return batches, rest
+                    yield self._collate(Chunk(out.x[ends[a]:ends[b]], out.p4[ends[a]:ends[b]],
+                                              out.n[a:b], {name: v[a:b] for name, v in
+                                                           out.per_jet.items()}))
+            return rest
 
-        buf, pending, size = [], [], 0
+        buf, size = [], 0  # chunks read and not yet drawn from
         for chunk in self._reads(self.units(self.epoch), lo, hi, drops):
-            pending.append(chunk)
+            buf.append(chunk)
             size += len(chunk)
             if size >= keep + B and size >= self.buffer:  # full: one concatenation per draw
-                batches, rest = draw(Chunk.join(buf + pending))
-                yield from batches
-                buf, pending, size = [rest], [], len(rest)
+                rest = yield from draw(buf)
+                buf, size = [rest], len(rest)
+        tail = list(buf)
         if size:
-            batches, rest = draw(Chunk.join(buf + pending), final=True)
-            yield from batches
+            yield from draw(buf, final=True)
         if drops["constituents"] or drops["jets"]:
             _warn_drops(drops, f"{self.source} (rank {self.rank}, worker {w})")
         # a reader that dropped jets (NaN, empty) leaves this worker short: repeat jets it has
         # read, so that every rank still takes the same number of steps (DDP would hang)
-        last = Chunk.join(buf + pending) if size else None
-        while self.drop_last and made < n_mine and last is not None:
-            batches, _ = draw(last.take(rng.integers(0, len(last), B)), final=True)
-            yield from batches
+        last = Chunk.join(tail) if self.drop_last and made < n_mine and size else None
+        while last is not None and made < n_mine:
+            yield from draw([last.take(rng.integers(0, len(last), B))], final=True)
 
     def _collate(self, c):
         longest = max(1, math.ceil(int(c.n.max()) / 16)) * 16

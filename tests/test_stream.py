@@ -1,5 +1,7 @@
 """The streaming data path (common.JetStream): class mixing, sharding across ranks and workers,
 resume mid-epoch, and agreement with the in-memory reader."""
+from contextlib import nullcontext
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,9 @@ import common
 CPU = torch.device("cpu")
 
 
-def write_folder(root, n_per_file, files_per_class=1, classes=common.CLASSES, seed=0):
-    """A JetClass-layout split folder of synthetic jets (fast; physics does not matter here)."""
+def write_folder(root, n_per_file, files_per_class=1, classes=common.CLASSES, seed=0, nan_jets=0):
+    """A JetClass-layout split folder of synthetic jets (fast; physics does not matter here);
+    the first nan_jets jets of each file have only NaN constituents (the reader drops them)."""
     import awkward as ak
     import uproot
     rng = np.random.default_rng(seed)
@@ -23,6 +26,7 @@ def write_folder(root, n_per_file, files_per_class=1, classes=common.CLASSES, se
             m = counts.sum()
             pt, eta, phi = rng.exponential(10, m) + 0.5, rng.normal(0, .2, m), rng.normal(0, .2, m)
             px, py, pz = pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
+            px[:counts[:nan_jets].sum()] = np.nan
             d = {f"part_{k2}": ak.unflatten(v.astype(np.float32), counts) for k2, v in dict(
                 px=px, py=py, pz=pz, energy=np.sqrt(px ** 2 + py ** 2 + pz ** 2), deta=eta,
                 dphi=phi).items()}
@@ -159,3 +163,15 @@ def test_seed_of_separates_purposes():
     assert common.seed_of(0, "masks", 1) != common.seed_of(0, "order", 1)
     assert common.seed_of(1, "masks", 0) != common.seed_of(0, "masks", 1000)
     assert common.seed_of(3, "x") == common.seed_of(3, "x")
+
+
+def test_dropped_jets_never_change_the_step_count(tmp_path):
+    """Jets the reader drops (here: NaN constituents) leave a worker short; it repeats jets it
+    read, so every rank still takes len(stream) steps of full batches (DDP would hang)."""
+    folder = write_folder(tmp_path, 100, classes=["QCD", "Tbqq"], nan_jets=6)
+    for workers in (0, 2):
+        s = stream(folder, batch_size=16, workers=workers)
+        assert len(s) == 200 // 16                  # counted from metadata: 12 steps
+        with pytest.warns(UserWarning, match="dropped") if workers == 0 else nullcontext():
+            sizes = [len(b["y"]) for b in common.loader(s, CPU)]
+        assert sizes == [16] * 12                   # 188 readable jets make only 11 batches
