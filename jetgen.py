@@ -65,6 +65,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import sys
 import time
 from pathlib import Path
 
@@ -207,10 +208,29 @@ def _truth_axes(prt, pid, status, offsets, cls):
     return eta, phi, good
 
 
+def _fastjet():
+    """fastjet, with its banner (printed to stdout by the first clustering in each process, so
+    once per worker, inside the progress bar) swallowed by one tiny clustering."""
+    import fastjet
+    if not getattr(_fastjet, "done", False):
+        sys.stdout.flush()
+        fd, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        try:
+            one = ak.Array([[{"px": 1.0, "py": 0.0, "pz": 0.0, "E": 1.0}]])
+            fastjet.ClusterSequence(one, fastjet.JetDefinition(fastjet.antikt_algorithm, 0.4))
+        finally:
+            os.dup2(fd, 1)
+            os.close(fd)
+            os.close(null)
+        _fastjet.done = True
+    return fastjet
+
+
 def jets_from_batch(events, cls, preset, charge_of):
     """One nextBatch() of events -> dict of arrays for the jets that pass window and truth match.
     Everything is vectorised over the batch: no per-particle Python loop."""
-    import fastjet
+    fastjet = _fastjet()
     p = PRESETS[preset]
     prt = events.prt
     counts = ak.to_numpy(ak.num(prt))
