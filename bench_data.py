@@ -10,6 +10,7 @@ One process per figure; set OMP_NUM_THREADS=1 for per-core numbers.
     python bench_data.py --make-folder data/jc_bench --from data/jc10 --copies 7
     python bench_data.py --stream data/jc_bench
     python bench_data.py --stream data/jc_bench --workers 8 --n-jets 1000000   # GPU node: >= 50k jets/s?
+    python bench_data.py --peak-rss jjepa.py --data jetclass --data-dir data/jc_bench --steps 50 --workers 2
 """
 import argparse
 import functools
@@ -141,6 +142,20 @@ def rss_child(folder, n_jets, steps, workers):
           f"{workers} workers: peak RSS {me:,.0f} MB (main), {kids:,.0f} MB (largest worker)")
 
 
+def peak_rss(argv):
+    """Run argv[0] (a nanojet script) as __main__ with argv[1:], print its peak memory at exit."""
+    import atexit
+    import runpy
+
+    def report():
+        me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        kid = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        print(f"peak RSS: {me:,.0f} MB (main process), {kid:,.0f} MB (largest worker)", flush=True)
+    atexit.register(report)
+    sys.argv = list(argv)
+    runpy.run_path(argv[0], run_name="__main__")
+
+
 def bench_stream(args):
     folder = Path(args.stream)
     for feats, sub in (("kin", False), ("full", False), ("full", True)):
@@ -161,7 +176,12 @@ def main():
     ap.add_argument("--from", dest="src", metavar="DIR", help="a jetgen output folder (train/ val/ test/)")
     ap.add_argument("--copies", type=int, default=7, help="times each generated file appears in --make-folder")
     ap.add_argument("--rss-child", nargs=2, metavar=("DIR", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--peak-rss", nargs=argparse.REMAINDER, metavar="SCRIPT ...",
+                    help="run a script with its flags in this process, then print the peak RSS "
+                         "of the process and of its largest child (loader workers)")
     args = ap.parse_args()
+    if args.peak_rss:
+        return peak_rss(args.peak_rss)
     if args.rss_child:
         return rss_child(Path(args.rss_child[0]), int(args.rss_child[1]), steps=50, workers=2)
     if args.make_folder:
