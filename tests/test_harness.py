@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import common
+from forked import run_forked
 
 CPU = torch.device("cpu")
 
@@ -203,10 +204,10 @@ def _ddp_worker(rank, world_size, port, out, data):
         opt.step()
     torch.save(dict(seen=seen, weight=raw.weight.detach().clone()), out / f"rank{rank}.pt")
     common.cleanup(s)
+    return model  # kept alive until the rank exits: see tests/forked.py
 
 
 def test_ddp_gloo_two_processes(tmp_path):
-    import torch.multiprocessing as mp
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -215,7 +216,7 @@ def test_ddp_gloo_two_processes(tmp_path):
     # port found free, released and then bound by a worker could be taken in between
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=60))
-    mp.spawn(_ddp_worker, args=(2, store.port, tmp_path, data), nprocs=2, join=True)
+    assert run_forked(_ddp_worker, [(r, 2, store.port, tmp_path, data) for r in (0, 1)]) == [0, 0]
     del store
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     per_epoch = len(r0["seen"]) // 2

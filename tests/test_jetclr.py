@@ -10,6 +10,7 @@ import torch
 
 import common
 import jetclr
+from forked import run_forked
 
 NO_AUG = dict(rotate=False, translate=0.0, smear=0.0, split=0.0)
 CPU = torch.device("cpu")
@@ -226,14 +227,14 @@ def _ddp_rank(rank, world, init, x, out):
     mine = torch.cat([v1[rank * n:][:n], v2[rank * n:][:n]])  # this rank's jets, both views
     loss = jetclr.nt_xent(model(mine), 0.1, gather=True)
     (loss * world).backward()  # as train() does
-    out.put((rank, loss.item(), lin.weight.grad.numpy().copy()))
-    dist.destroy_process_group()
+    torch.save((rank, loss.item(), lin.weight.grad.numpy().copy()), out / f"rank{rank}.pt")
+    dist.barrier()
+    return model  # kept alive until the rank exits: see tests/forked.py
 
 
 def test_nt_xent_negatives_span_all_ranks(tmp_path):
     """Issue 12 item 10: 2 gloo ranks x 3 jets give the loss and the gradient of one process on
     the 6 jets (SimCLR's global batch)."""
-    import torch.multiprocessing as mp
     x = torch.randn(12, 4, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
     lin = torch.nn.Linear(4, 3)
@@ -241,16 +242,10 @@ def test_nt_xent_negatives_span_all_ranks(tmp_path):
     ref.backward()
     local = jetclr.nt_xent(lin(torch.cat([x[:3], x[6:9]])), 0.1)
     assert abs(local.item() - ref.item()) > 1e-3  # per-rank negatives would be another task
-    ctx = mp.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_rank, args=(r, 2, f"file://{tmp_path / 'store'}", x, out))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0, "a rank failed (its traceback is above)"
-    results = sorted(out.get(timeout=10) for _ in procs)
+    codes = run_forked(_ddp_rank, [(r, 2, f"file://{tmp_path / 'store'}", x, tmp_path)
+                                   for r in range(2)])
+    assert codes == [0, 0], "a rank failed or hung (its traceback is above)"
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for rank, loss, grad in results:
         assert loss == pytest.approx(ref.item(), rel=1e-6)
         np.testing.assert_allclose(grad, lin.weight.grad.numpy(), rtol=1e-5, atol=1e-7)

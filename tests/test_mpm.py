@@ -1,7 +1,6 @@
 """mpm.py: masking, K-means targets, inputs, determinism, DDP masks, the probe protocol, the
 paper preset. Training runs stream synthetic in-memory jets (common.Jets through
 common.JetStream, via train(args, jets=...)), so the file runs in seconds."""
-import multiprocessing
 import os
 import shutil
 import socket
@@ -12,6 +11,7 @@ import torch
 
 import common
 import mpm
+from forked import run_forked
 
 N_MAX = 24
 TINY = ["--n-jets", "96", "--n-eval", "48", "--n-max", str(N_MAX), "--epochs", "2",
@@ -287,7 +287,7 @@ def _ddp_run(rank, port, argv, jets, out):
 def test_ddp_ranks_draw_their_own_masks_after_resume(tmp_path):
     """Issue 12 item 15: on resume, every rank must not continue rank 0's mask stream; each rank
     draws what its uninterrupted run drew."""
-    ctx, jets = multiprocessing.get_context("fork"), data(192, 32)
+    jets = data(192, 32)
     masks = {}
     for run in ("straight", "resumed"):
         (tmp_path / run).mkdir()
@@ -296,15 +296,8 @@ def test_ddp_ranks_draw_their_own_masks_after_resume(tmp_path):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        procs = [ctx.Process(target=_ddp_run, args=(r, port, argv, jets, tmp_path / run))
-                 for r in (0, 1)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(120)
-            if p.is_alive():                                       # hung: leave nothing behind
-                p.kill()
-        assert [p.exitcode for p in procs] == [0, 0]
+        codes = run_forked(_ddp_run, [(r, port, argv, jets, tmp_path / run) for r in (0, 1)])
+        assert codes == [0, 0], "a rank failed or hung (its traceback is above)"
         masks[run] = [torch.load(tmp_path / run / f"masks{r}.pt") for r in (0, 1)]
     for r in (0, 1):
         straight, resumed = masks["straight"][r], masks["resumed"][r]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import common
+from forked import run_forked
 
 CPU = torch.device("cpu")
 
@@ -71,24 +72,18 @@ def test_epoch_reads_each_jet_once_and_changes(folder10, workers):
     assert again == seen[0]                        # a pure function of (seed, epoch)
 
 
-def _rank_ids(rank, world, folder, epoch, queue):
+def _rank_ids(rank, world, folder, epoch, out):
     s = stream(folder, rank=rank, world_size=world, workers=2, chunk=150)
-    queue.put((rank, len(s), sum((ids(b) for b in common.loader(s, CPU, epoch)), [])))
+    ids_ = sum((ids(b) for b in common.loader(s, CPU, epoch)), [])
+    torch.save((len(s), ids_), out / f"rank{rank}-epoch{epoch}.pt")
 
 
-def test_two_ranks_two_workers_read_every_jet_once(folder10):
+def test_two_ranks_two_workers_read_every_jet_once(folder10, tmp_path):
     """2 ranks x 2 workers (the sharding torchrun uses: rank and world size) over one epoch:
     disjoint, and together everything but a tail smaller than one global batch."""
-    import multiprocessing as mp
-    ctx = mp.get_context("fork")
     for epoch in range(2):
-        q = ctx.Queue()
-        procs = [ctx.Process(target=_rank_ids, args=(r, 2, folder10, epoch, q)) for r in range(2)]
-        for p in procs:
-            p.start()
-        got = dict((r, (n, i)) for r, n, i in (q.get(timeout=120) for _ in procs))
-        for p in procs:
-            p.join(30)
+        assert run_forked(_rank_ids, [(r, 2, folder10, epoch, tmp_path) for r in range(2)]) == [0, 0]
+        got = [torch.load(tmp_path / f"rank{r}-epoch{epoch}.pt") for r in range(2)]
         (n0, a), (n1, b) = got[0], got[1]
         assert n0 == n1 == len(a) // 64 == len(b) // 64    # the same number of steps
         assert not set(a) & set(b)
