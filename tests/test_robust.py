@@ -196,7 +196,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if mode == "stall":
             self.wfile.write(body[start:start + 1000])
             self.wfile.flush()
-            time.sleep(3)                            # the client times out after 1 s
+            time.sleep(3)                            # the client times out first (STALL)
             self.close_connection = True
             return
         self.wfile.write(body[start:])
@@ -205,10 +205,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads, block_on_close = True, False    # a stalled handler never holds up teardown
+
+
 @pytest.fixture
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    httpd = Server(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.01,), daemon=True)
     thread.start()
     Handler.body, Handler.mode, Handler.bad, Handler.seen = os.urandom(50_000), "ok", 0, []
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -217,13 +221,18 @@ def server():
 
 
 FAST = dict(progress=False, retries=2, timeout=1.0, backoff=0.01)
+STALL = dict(FAST, timeout=0.3)                      # a stall costs one timeout per try
+
+
+def fast(mode):
+    return STALL if mode == "stall" else FAST
 
 
 @pytest.mark.parametrize("mode", ["cut", "stall", "500"])
 def test_fetch_retries_and_resumes(server, tmp_path, mode):
     Handler.mode, Handler.bad = mode, 1              # the first try fails, the retry works
     md5 = hashlib.md5(Handler.body).hexdigest()
-    got = common.fetch(server + "/f.bin", tmp_path / "f.bin", md5=md5, **FAST)
+    got = common.fetch(server + "/f.bin", tmp_path / "f.bin", md5=md5, **fast(mode))
     assert got.read_bytes() == Handler.body and not (tmp_path / "f.bin.part").exists()
     assert len(Handler.seen) == 2
     if mode != "500":                                # the retry resumed where the cut was
@@ -235,7 +244,7 @@ def test_fetch_gives_up_in_one_line_and_keeps_the_part(server, tmp_path, mode):
     Handler.mode, Handler.bad = mode, 99
     t0 = time.time()
     with pytest.raises(SystemExit) as e:             # no md5: a short file must not pass
-        common.fetch(server + "/f.bin", tmp_path / "f.bin", **FAST)
+        common.fetch(server + "/f.bin", tmp_path / "f.bin", **fast(mode))
     assert "3 tries" in str(e.value) and "\n" not in str(e.value) and time.time() - t0 < 20
     assert not (tmp_path / "f.bin").exists()
     part = tmp_path / "f.bin.part"
