@@ -166,6 +166,41 @@ def test_scratch_with_ckpt_uses_its_architecture_not_its_weights(tiny_ckpt):
     assert finetune.load_spec(get_args(["--ckpt", tiny_ckpt]))["state"] is not None
 
 
+class _Shifted(torch.nn.Module):
+    """A stand-in encoder whose jet vector is offset + scale * z (z: the input itself)."""
+
+    def __init__(self, offset, scale):
+        super().__init__()
+        self.offset, self.scale = offset, scale
+
+    def forward(self, z):
+        return z[:, None], torch.ones(len(z), 1, dtype=torch.bool), self.offset + self.scale * z
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_jet_vector_heads_do_not_see_a_common_offset_or_scale(head):
+    """Issue 12 item 21: diffmae's pooled vectors share one large direction (cosine 0.995). The
+    linear/mlp heads read the vector through a BatchNorm without affine parameters, so a common
+    offset and scale change neither the logits nor the head's gradients, in training and, once
+    its running statistics have followed the training batches, in evaluation."""
+    z = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    y = (z[:, 0] > 0).long()
+    out = []
+    for offset, scale in ((0.0, 1.0), (10.0 + torch.arange(8.0), 0.5)):
+        torch.manual_seed(0)
+        clf = finetune.Classifier(_Shifted(offset, scale), head, 2, 8, 8, 1)
+        for _ in range(30):  # the evaluation statistics follow the training batches
+            logits, _ = clf(dict(z=z))
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        out.append((logits.detach(), [p.grad.clone() for p in clf.head.parameters()],
+                    clf.eval()(dict(z=z))[0].detach()))
+    (l0, g0, e0), (l1, g1, e1) = out
+    torch.testing.assert_close(l0, l1, rtol=1e-3, atol=1e-3)  # float32 of the offset input
+    torch.testing.assert_close(e0, e1, rtol=1e-3, atol=1e-3)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
 # --- the frozen-then-unfrozen schedule and the warm-up -------------------------------------------
 
 
