@@ -3,8 +3,9 @@
 A forked process that ran gloo collectives can block for good in the process group's C++
 destructor (seen on an idle 2-core machine: one rank of four hundred stuck joining a gloo
 thread after destroy_process_group). The suite then waits forever at exit for that child. Here
-each rank leaves with os._exit as soon as its work is done, skipping the interpreter's teardown,
-and whatever is still alive at the deadline is killed."""
+each rank leaves with os._exit as soon as its work is done, skipping the interpreter's teardown
+(a target that calls a script's train() leaves from its common.cleanup, before train() frees the
+DDP model), and whatever is still alive at the deadline is killed."""
 import multiprocessing
 import os
 import sys

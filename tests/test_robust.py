@@ -221,7 +221,7 @@ def server():
 
 
 FAST = dict(progress=False, retries=2, timeout=1.0, backoff=0.01)
-STALL = dict(FAST, timeout=0.3)                      # a stall costs one timeout per try
+STALL = dict(FAST, timeout=0.5)                      # a stall costs one timeout per try
 
 
 def fast(mode):
