@@ -83,8 +83,7 @@ def test_two_ranks_two_workers_read_every_jet_once(folder10, tmp_path):
     disjoint, and together everything but a tail smaller than one global batch."""
     for epoch in range(2):
         assert run_forked(_rank_ids, [(r, 2, folder10, epoch, tmp_path) for r in range(2)]) == [0, 0]
-        got = [torch.load(tmp_path / f"rank{r}-epoch{epoch}.pt") for r in range(2)]
-        (n0, a), (n1, b) = got[0], got[1]
+        (n0, a), (n1, b) = (torch.load(tmp_path / f"rank{r}-epoch{epoch}.pt") for r in range(2))
         assert n0 == n1 == len(a) // 64 == len(b) // 64    # the same number of steps
         assert not set(a) & set(b)
         assert 3000 - len(set(a) | set(b)) < 2 * 64
