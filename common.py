@@ -163,19 +163,28 @@ def signed_deta(eta, jet_eta):
     return np.where(jet_eta >= 0, 1.0, -1.0).astype(np.float32) * (eta - jet_eta)
 
 
+def kin_columns(pt, energy, deta, dphi, axis_pt, axis_energy):
+    """The five ParT kinematic inputs, unclipped: log pT, log E, log pT/pT_axis, log E/E_axis and
+    the distance to the axis, with ParT's shifts and scales. numpy arrays or torch tensors: the
+    data layer (the jet's axis) and the methods' own frames (jjepa's context, the visible
+    particles of MPM and diffmae) share these constants."""
+    lib = torch if isinstance(pt, torch.Tensor) else np
+    return [
+        (lib.log(pt) - 1.7) * 0.7,
+        (lib.log(energy) - 2.0) * 0.7,
+        (lib.log(pt / axis_pt) + 4.7) * 0.7,
+        (lib.log(energy / axis_energy) + 4.7) * 0.7,
+        (lib.hypot(deta, dphi) - 0.2) * 4.0,
+    ]
+
+
 def features_flat(px, py, energy, deta, dphi, jet, extra=None, features="kin"):
     """ParT input recipe for M particles (1-D arrays); jet (M, 4) = (pt, eta, phi, E) of each
     particle's jet; extra: dict of part_charge, part_is*, part_d0val... (M,) for "full"
     (missing ones = not measured = 0). Returns float32 (M, F)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         pt = np.hypot(px, py)
-        kin = [
-            (np.log(pt) - 1.7) * 0.7,
-            (np.log(energy) - 2.0) * 0.7,
-            (np.log(pt / jet[:, 0]) + 4.7) * 0.7,
-            (np.log(energy / jet[:, 3]) + 4.7) * 0.7,
-            (np.hypot(deta, dphi) - 0.2) * 4.0,
-        ]
+        kin = kin_columns(pt, energy, deta, dphi, jet[:, 0], jet[:, 3])
     kin = [np.clip(v, -5, 5) for v in kin]  # NaN stays NaN here and becomes 0 below
     if features == "kin":
         cols = kin + [deta, dphi]
@@ -191,6 +200,39 @@ def features_flat(px, py, energy, deta, dphi, jet, extra=None, features="kin"):
     x = np.stack(cols, axis=-1).astype(np.float32)
     x[~np.isfinite(x)] = 0.0
     return x
+
+
+def axis_of(p4):
+    """(pt, eta, phi, E) of summed 4-vectors p4 (..., 4), torch: the axis of a frame."""
+    pt = torch.hypot(p4[..., 0], p4[..., 1]).clamp(min=1e-8)
+    eta = torch.asinh(p4[..., 2] / pt)
+    phi = torch.atan2(p4[..., 1], p4[..., 0])
+    return torch.stack([pt, eta, phi, p4[..., 3]], -1)
+
+
+def in_frame(p4, axis):
+    """(B, M, 3) (deta, dphi, log pT/pT_axis) of p4 (B, M, 4) in the frame axis (B, 4) = (pt, eta,
+    phi, E), as the data layer makes them (JetClass deta sign, dphi wrapped); 0 where pT = 0."""
+    pt = torch.hypot(p4[..., 0], p4[..., 1])
+    dphi = wrap_phi(torch.atan2(p4[..., 1], p4[..., 0]) - axis[:, 2:3])
+    eta = torch.asinh(p4[..., 2] / pt.clamp(min=1e-8))
+    deta = torch.where(axis[:, 1:2] >= 0, 1.0, -1.0) * (eta - axis[:, 1:2])  # JetClass sign
+    out = torch.stack([deta, dphi, torch.log(pt.clamp(min=1e-8) / axis[:, 0:1])], -1)
+    return out.masked_fill((pt <= 0)[..., None], 0.0).float()
+
+
+def refeature(x, p4, valid, axis):
+    """x (B, L, F) as features_flat makes them, with what depends on the axis recomputed in the
+    frame axis (B, 4): log pT/pT_axis, log E/E_axis, the distance to the axis, and (deta, dphi).
+    The particle's own log pT, log E, charge, ID and impact parameters stay. 0 in padding."""
+    p4 = p4.float()
+    d = in_frame(p4, axis)  # (B, L, 3)
+    pt = torch.hypot(p4[..., 0], p4[..., 1]).clamp(min=1e-8)
+    energy = p4[..., 3].clamp(min=1e-8)
+    rel = kin_columns(pt, energy, d[..., 0], d[..., 1], axis[:, 0:1], axis[:, 3:4])[2:]
+    rel = torch.stack(rel, -1).clamp(-5, 5)
+    new = torch.cat([x[..., :2].float(), rel, x[..., 5:-2].float(), d[..., :2]], -1)
+    return torch.where(valid[..., None], new, 0.0).to(x.dtype)
 
 
 def particle_features(p4, valid, jet, deta, dphi, extra=None, features="kin"):

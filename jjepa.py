@@ -101,22 +101,12 @@ def encoder_config(args):
 
 # --- subjet inputs (made in the loader workers) ------------------------------------------------
 
-def in_frame(p4, axis):
-    """(B, M, 3) (deta, dphi, log pT/pT_axis) of p4 (B, M, 4) in the frame axis (B, 4) = (pt, eta,
-    phi, E), as the data layer makes them (JetClass deta sign, dphi wrapped); 0 where pT = 0."""
-    pt = torch.hypot(p4[..., 0], p4[..., 1])
-    dphi = common.wrap_phi(torch.atan2(p4[..., 1], p4[..., 0]) - axis[:, 2:3])
-    eta = torch.asinh(p4[..., 2] / pt.clamp(min=1e-8))
-    deta = torch.where(axis[:, 1:2] >= 0, 1.0, -1.0) * (eta - axis[:, 1:2])  # JetClass sign
-    out = torch.stack([deta, dphi, torch.log(pt.clamp(min=1e-8) / axis[:, 0:1])], -1)
-    return out.masked_fill((pt <= 0)[..., None], 0.0).float()
-
-
 def add_subjets(batch, subjet_r, n_subjets, n_per_subjet):
     """The worker transform: cluster this batch's jets, add idx (B, S, P) and pos (B, S, 3)."""
     sub = common.cluster_subjets(batch["p4"], batch["valid"], "ca", subjet_r, n_subjets, n_per_subjet)
     batch["idx"] = np.where(sub.valid, sub.idx, -1).astype(np.int16)  # L <= n_max < 32768
-    batch["pos"] = in_frame(torch.from_numpy(sub.p4), torch.from_numpy(batch["jet"])).numpy()
+    pos = common.in_frame(torch.from_numpy(sub.p4), torch.from_numpy(batch["jet"]))
+    batch["pos"] = pos.numpy()
     return batch
 
 
@@ -134,19 +124,13 @@ def n_subjets(batch_or_idx):
 
 
 def context_frame(x, p4, valid, idx, keep):
-    """x (B, L, F) "kin" features and pos (B, S, 3) as common.features_flat makes them, but from
-    the summed 4-vector of the particles of the subjets with keep=True (pt_log, e_log stay)."""
+    """x (B, L, F) features and pos (B, S, 3) as the data layer makes them, but in the frame of
+    the summed 4-vector of the particles of the subjets with keep=True."""
     (B, S, P), p4, idx = idx.shape, p4.float(), idx.long()
     parts = torch.gather(p4, 1, idx.clamp(min=0).view(B, S * P, 1).expand(-1, -1, 4))
     sub_p4 = (parts.view(B, S, P, 4) * (idx >= 0)[..., None]).sum(2)  # (B, S, 4)
-    c = (sub_p4 * keep[..., None]).sum(1)  # (B, 4): the context's own 4-vector
-    c_pt = torch.hypot(c[:, 0], c[:, 1]).clamp(min=1e-8)
-    axis = torch.stack([c_pt, torch.asinh(c[:, 2] / c_pt), torch.atan2(c[:, 1], c[:, 0]), c[:, 3]], -1)
-    c = in_frame(p4, axis)  # (B, L, 3)
-    rel = torch.stack([c[..., 2], torch.log(p4[..., 3] / axis[:, 3:4])], -1)
-    rel = torch.cat([(rel + 4.7) * 0.7, (torch.hypot(c[..., 0], c[..., 1])[..., None] - 0.2) * 4.0], -1)
-    new = torch.cat([x[..., :2].float(), rel.clamp(-5, 5), x[..., 5:-2].float(), c[..., :2]], -1)
-    return torch.where(valid[..., None], new, 0.0).to(x.dtype), in_frame(sub_p4, axis)
+    axis = common.axis_of((sub_p4 * keep[..., None]).sum(1))  # (B, 4): the context's own axis
+    return common.refeature(x, p4, valid, axis), common.in_frame(sub_p4, axis)
 
 
 # --- the model ------------------------------------------------------------------------------

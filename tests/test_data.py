@@ -132,6 +132,28 @@ def test_features_by_hand(tmp_path):
     assert common.FEATURE_NAMES["full"][15:] == ["deta", "dphi"]
 
 
+def test_refeature_in_the_jet_axis_is_the_data_layer():
+    """common.refeature (torch, the methods' own frames) and features_flat (numpy, the data
+    layer) share one set of formulas: in the jet's own axis they agree, "full" extras kept."""
+    import torch
+    rng = np.random.default_rng(3)
+    pt, eta = rng.uniform(1, 80, 12), rng.normal(-0.8, 0.3, 12)
+    phi = rng.uniform(-np.pi, np.pi, 12)
+    p4 = np.stack([pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta),
+                   pt * np.cosh(eta) * 1.01], -1)
+    axis = np.array([300.0, -0.7, 3.0, 420.0])
+    deta = common.signed_deta(eta, axis[1])
+    dphi = common.wrap_phi(phi - axis[2])
+    extra = {"part_charge": rng.integers(-1, 2, 12).astype(float),
+             "part_d0val": rng.normal(0, 1, 12)}
+    x = common.features_flat(p4[:, 0], p4[:, 1], p4[:, 3], deta, dphi,
+                             np.tile(axis, (12, 1)), extra, "full")
+    t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)[None]  # noqa: E731
+    valid = torch.ones(1, 12, dtype=torch.bool)
+    new = common.refeature(t(x), t(p4), valid, t(axis))
+    torch.testing.assert_close(new[0], t(x)[0], atol=2e-4, rtol=0)
+
+
 def test_wrap_phi_boundary():
     x = np.array([math.pi - 0.01, math.pi + 0.01, -math.pi - 0.01, -math.pi, 2 * math.pi + 0.3])
     w = common.wrap_phi(x)

@@ -158,7 +158,7 @@ def with_target_particles_scaled(b, m, cfg, factor):
     jets = from_p4(p4.numpy(), b["valid"].numpy(), b["y"].numpy())
     parts = torch.gather(p4, 1, b["idx"].long().clamp(min=0).view(B, -1, 1).expand(-1, -1, 4))
     sub_p4 = (parts.view(B, S, P, 4) * (b["idx"] >= 0)[..., None]).sum(2)
-    pos = jjepa.in_frame(sub_p4, torch.from_numpy(jets.jet))
+    pos = common.in_frame(sub_p4, torch.from_numpy(jets.jet))
     return dict(b, x=torch.from_numpy(jets.x), p4=p4, jet=torch.from_numpy(jets.jet), pos=pos)
 
 
