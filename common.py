@@ -307,7 +307,12 @@ def _num_entries(source, path):
 def read_root(path, start, stop, n_max, features, drops, step=50_000):
     """JetClass layout (real files and jetgen output)."""
     import awkward as ak
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:  # deleted or moved while the run reads it
+        raise SystemExit(f"{path}: cannot be read any more ({e.strerror}); the file was moved or "
+                         "deleted during the run: put it back and --resume from the last "
+                         "checkpoint") from None
     tree = _open_root_cached(str(path), os.getpid(), st.st_mtime_ns, st.st_size)
     names = set(tree.keys())
     # uproot >= 5.7 writes a record "part" as an RNTuple field part.px (real JetClass files
@@ -529,6 +534,16 @@ def _budget(n_jets, n_files):
     return [n_jets // n_files + (i < n_jets % n_files) for i in range(n_files)]
 
 
+def _warn_empty(files, entries, where):
+    """A file with 0 jets (a tree written empty, an interrupted copy) is skipped, and said so
+    once at the start: it may hold a class the run then silently lacks."""
+    empty = [str(f) for f, e in zip(files, entries) if e == 0]
+    if empty:
+        warnings.warn(f"{where}: {len(empty)} file(s) hold 0 jets and are skipped: "
+                      f"{', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''}; remove them, "
+                      "or download or generate them again", stacklevel=3)
+
+
 def _warn_drops(drops, where):
     if drops["constituents"] or drops["jets"]:
         unphysical = drops.get("unphysical", 0)
@@ -670,8 +685,9 @@ def load_jets(source, path=None, split="train", n_jets=None, n_max=128, features
         return hit
     drops = {"constituents": 0, "jets": 0}
     chunks = []
-    for f, n in zip(files, _budget(n_jets, len(files))):
-        total = _num_entries(source, f)
+    entries = [_num_entries(source, f) for f in files]
+    _warn_empty(files, entries, f"{source} {split}")
+    for f, n, total in zip(files, _budget(n_jets, len(files)), entries):
         stop = total if n is None else min(n, total)
         chunks += [c.to_jets(n_max) for c in READERS[source](f, 0, stop, n_max, features, drops)]
     _warn_drops(drops, f"{source} {split}")
@@ -748,7 +764,7 @@ class JetStream(torch.utils.data.IterableDataset):
         self.n_max, self.features, self.extra, self.workers = n_max, features, extra or {}, workers
         self.buffer = max(shuffle_buffer // max(workers, 1), 2 * batch_size) if shuffle else batch_size
         if isinstance(data, Jets):
-            self.source, self.files = None, ["memory"]
+            self.source, self.files, self.identity = None, ["memory"], None
             self.jets = data if n_jets is None else data[:n_jets]
             self.counts = [len(self.jets)]
         else:
@@ -756,9 +772,13 @@ class JetStream(torch.utils.data.IterableDataset):
                 raise ValueError(f"features must be one of {list(FEATURE_NAMES)}, got {features!r}")
             self.source, self.jets = data, None
             self.files = find_files(data, path, split, classes)
+            entries = [_num_entries(data, f) for f in self.files]
+            # what defines the data, wherever it lies: resume compares it with the checkpoint's
+            self.identity = [[Path(f).name, os.stat(f).st_size, e]
+                             for f, e in zip(self.files, entries)]
+            _warn_empty(self.files, entries, f"{data} {split}")
             self.counts = [min(n, total) if n is not None else total for n, total in
-                           zip(_budget(n_jets, len(self.files)),
-                               (_num_entries(data, f) for f in self.files))]
+                           zip(_budget(n_jets, len(self.files)), entries)]
         self.n = sum(self.counts)  # jets per epoch
         # units small enough that a worker's buffer holds ~16 of them (mixing), large enough
         # that a read decompresses whole baskets
@@ -771,6 +791,11 @@ class JetStream(torch.utils.data.IterableDataset):
                              f"{batch_size} x {world_size} processes): lower --batch-size or use "
                              "more jets")
         self.epoch, self.start = 0, 0
+        if self.source is not None and split != "train":
+            # evaluation reads these jets only after the first epoch: a broken val or test file
+            # must cost seconds at the start, not a trained epoch
+            for _ in self._reads(self.units(0), 0, self.n, {"constituents": 0, "jets": 0}):
+                pass
 
     def __len__(self):
         return self.steps  # batches per epoch on this rank
@@ -820,6 +845,17 @@ class JetStream(torch.utils.data.IterableDataset):
                 yield c
 
     def __iter__(self):
+        if torch.utils.data.get_worker_info() is None:
+            yield from self._batches()
+            return
+        # in a loader worker, a reader's one-line SystemExit would kill the process and reach the
+        # user as DataLoader's "worker exited unexpectedly" traceback: pass it on as a batch
+        try:
+            yield from self._batches()
+        except SystemExit as e:
+            yield {"error": str(e.code)}
+
+    def _batches(self):
         info = torch.utils.data.get_worker_info()
         workers, w = (1, 0) if info is None else (info.num_workers, info.id)
         # the DataLoader takes batches from its workers in turn, starting with worker 0, so batch
@@ -901,6 +937,8 @@ def loader(stream, device, epoch=0, start=0):
             stream, batch_size=None, num_workers=stream.workers, pin_memory=device.type == "cuda",
             prefetch_factor=4, persistent_workers=False, multiprocessing_context="fork")
     for batch in stream:
+        if "error" in batch:  # a loader worker's read error (JetStream.__iter__)
+            raise SystemExit(batch["error"])
         yield {k: t.to(device, non_blocking=True) for k, t in batch.items()}
 
 
@@ -1869,6 +1907,8 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
       encoder         the backbone a fine-tuner needs; rebuilt by build_encoder(method, cfg)
       encoder_config  dict (or dataclass) of that backbone's constructor arguments
       generators      dict name -> torch.Generator whose state resume must restore
+      data            the training stream's `identity` (files' names, sizes, entries): resume
+                      refuses other data
       extra           anything else the method needs back (e.g. K-means centroids)"""
     if dataclasses.is_dataclass(encoder_config):
         encoder_config = dataclasses.asdict(encoder_config)

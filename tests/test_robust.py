@@ -398,14 +398,18 @@ def test_n_jets_zero_and_empty_trees(tmp_path):
     with pytest.raises(ValueError, match="n_jets"):
         common.load_jets("pythia", d, n_jets=-5)
     write_jetclass(tmp_path / "e/train/TTBar_000.root", [], "Tbqq")  # a 0-entry tree
-    with pytest.raises(SystemExit, match="no jets read from 1 file.*TTBar_000.root"):
+    with pytest.raises(SystemExit, match="no jets read from 1 file.*TTBar_000.root"), \
+            pytest.warns(UserWarning, match="hold 0 jets"):
         common.load_jets("pythia", tmp_path / "e")
     write_jetclass(tmp_path / "e/train/ZJetsToNuNu_000.root", random_jets(5, 0), "QCD")
-    assert len(common.load_jets("pythia", tmp_path / "e")) == 5     # the empty file is skipped
-    s = common.JetStream("pythia", path=tmp_path / "e", batch_size=2, n_max=8)
+    empty = "1 file\\(s\\) hold 0 jets and are skipped: .*TTBar_000.root"
+    with pytest.warns(UserWarning, match=empty):                    # skipped, and said so
+        assert len(common.load_jets("pythia", tmp_path / "e")) == 5
+    with pytest.warns(UserWarning, match=empty):
+        s = common.JetStream("pythia", path=tmp_path / "e", batch_size=2, n_max=8)
     assert sorted(s.counts) == [0, 5] and len(s) == 2               # the empty file: no units
     assert sum(len(b["y"]) for b in common.loader(s, torch.device("cpu"))) == 4
-    with pytest.raises(SystemExit, match="fewer than one step"):
+    with pytest.raises(SystemExit, match="fewer than one step"), pytest.warns(UserWarning):
         common.JetStream("pythia", path=tmp_path / "e", classes=["Tbqq"], batch_size=2)
 
 
