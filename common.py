@@ -838,9 +838,18 @@ class JetStream(torch.utils.data.IterableDataset):
             begin = ends[u] - (b - a)
             if begin >= hi:
                 break
-            for c in READERS[self.source](self.files[i], a + max(lo - begin, 0),
-                                          a + min(hi - begin, b - a), self.n_max, self.features,
-                                          drops, step=self.chunk):
+            read = READERS[self.source](self.files[i], a + max(lo - begin, 0),
+                                        a + min(hi - begin, b - a), self.n_max, self.features,
+                                        drops, step=self.chunk)
+            while True:
+                try:
+                    c = next(read)
+                except StopIteration:
+                    break
+                except Exception as e:  # noqa: BLE001  (the readers name their own errors)
+                    raise SystemExit(f"{self.files[i]}: cannot be read ({type(e).__name__}: "
+                                     f"{e}); the file may be truncated, corrupt or gone: replace "
+                                     "it and --resume from the last checkpoint") from None
                 c.per_jet["file"] = np.full(len(c), i, dtype=np.int64)
                 yield c
 
@@ -1674,6 +1683,9 @@ def add_common_args(parser, skip=()):
     add("--out", default="out", help="folder for checkpoints, logs and results")
     add("--resume", default=None, metavar="CKPT",
         help="continue the run saved in this checkpoint (weights, optimizer, RNG, data order)")
+    add("--overwrite", action="store_true",
+        help="replace the output another run left in --out (its checkpoint and log, or "
+             "finetune.py's results folder) instead of stopping")
     add("--eval-every", type=nonneg_int, default=0,
         help="evaluate every this many steps (0: at the end of each epoch)")
     add("--log-every", type=positive_int, default=10,
@@ -1777,6 +1789,7 @@ def cleanup(s):
     """Leave the process group. The barrier first: a rank that tears down while another still
     talks to it makes gloo/NCCL abort the process ("terminate called without an active
     exception")."""
+    _release_claims()
     if s.ddp:
         import torch.distributed as dist
         if dist.is_initialized():
@@ -1840,6 +1853,37 @@ def check_finite(loss, step, where, grad_norm=None):
                          "input data, or lower --lr")
 
 
+def check_val_loss(value, where):
+    """Return the validation loss `value`, or stop the run (SystemExit, non-zero exit) when it
+    is NaN/inf: call it in the evaluation, before the checkpoint is saved, so the last good
+    checkpoint stays and no result is written from a run that reports nothing real."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise SystemExit(f"validation loss {value} on {where}; stopping without a new "
+                         "checkpoint (the last one is kept). Check the data and the settings "
+                         "that leave nothing to score (--n-max, the mask ratio), or lower --lr")
+    return value
+
+
+def probe_possible(stream):
+    """Whether the end-of-run linear probe can run on `stream` (the training stream): a probe
+    needs two classes. One-class pretraining (QCD only) is a real use: say so in one line."""
+    if stream.jets is not None:
+        classes = {int(c) for c in np.unique(np.asarray(stream.jets.y))}
+    elif stream.source == "toptagging":
+        return True
+    else:
+        names = {PREFIX[c]: c for c in CLASSES}
+        classes = {names.get(_class_of(f), _class_of(f))
+                   for f, n in zip(stream.files, stream.counts) if n > 0}
+    if len(classes) > 1:
+        return True
+    print(f"linear probe skipped: the training jets hold one class "
+          f"({', '.join(map(str, sorted(classes)))}); a probe needs two (finetune.py scores the "
+          "encoder on labelled data)")
+    return False
+
+
 # --- checkpoints --------------------------------------------------------------------------------
 
 
@@ -1898,7 +1942,7 @@ def _plain(value):
 
 
 def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=None,
-                    optimizer=None, step=0, generators=None, **extra):
+                    optimizer=None, step=0, generators=None, data=None, **extra):
     """Write a checkpoint atomically (temporary file, then os.replace: a crash mid-write never
     leaves a truncated file under `path`). Modules are saved unwrapped (no `_orig_mod.` keys).
       method          the script that wrote it ("mpm", "jjepa", ..., "part" for supervised)
@@ -1928,6 +1972,7 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
         optimizer=optimizer.state_dict() if optimizer is not None else None,
         rng=rng_state(generators),
         step=step,
+        data=data,
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         git=git_hash(),
         versions=versions(),
@@ -1972,6 +2017,69 @@ def write_json_atomic(path, obj, finite=None):
     os.replace(tmp, path)
 
 
+# lock-file path -> (pid, fd, claimed): the flocks this process holds (a killed process releases
+# them). Kept per pid: a forked child inherits the dict but not the right to write.
+_LOCKS = {}
+
+
+def lock_output(path, claimed=False):
+    """Check that `path`'s folder is writable (create it, write a probe file) and take an
+    exclusive flock on `<path>.lock` until the process ends (or, for claim_output's locks, the
+    run's cleanup), so that a second run writing the same file stops at its start, naming the
+    process that holds the lock."""
+    import fcntl
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".write-test.{os.getpid()}.tmp"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"--out {path.parent}: not writable ({e.strerror or e}); give a folder "
+                         "you can write to") from None
+    lock = str(path.with_name(path.name + ".lock"))
+    if _LOCKS.get(lock, (None,))[0] == os.getpid():
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # a raw fd: closed by exit, unwarned
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SystemExit(f"{path}: another run (pid {pid}) is writing it; wait for that run to "
+                         "end, or use another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[lock] = (os.getpid(), fd, claimed)
+
+
+def _release_claims():
+    """cleanup's part: a run that ended lets the next one (in this process or another) claim
+    its checkpoint; study.py's lock on its --out stays."""
+    for lock, (pid, fd, claimed) in list(_LOCKS.items()):
+        if pid == os.getpid() and claimed:
+            os.close(fd)
+            del _LOCKS[lock]
+
+
+def claim_output(path, args):
+    """Make `path` (out/<method>.pt, or finetune.py's results.json) this run's, at its start:
+    --out must be writable, no other live run may write it (lock_output), and a file another
+    run left there is replaced only when this run resumes it (--resume) or --overwrite says so.
+    Only rank 0 writes, so the other ranks of torchrun claim nothing. Call it right after
+    setup, before the first output."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    path = Path(path)
+    lock_output(path, claimed=True)
+    resume = getattr(args, "resume", None)
+    if path.exists() and not getattr(args, "overwrite", False) and \
+            not (resume and Path(resume).resolve() == path.resolve()):
+        how = f"continue it with --resume {path}, " if hasattr(args, "resume") else ""
+        raise SystemExit(f"{path} holds another run's output: {how}replace it with --overwrite, "
+                         "or use another --out")
+
+
 def load_checkpoint(path, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
@@ -1983,15 +2091,20 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 # the arguments that fix a run's batches: resuming with other values would silently train on
-# other data (or skip it), so resume_from compares them with the checkpoint's
-RUN_ARGS = ("data", "n_jets", "n_max", "features", "batch_size", "seed", "classes")
+# other data (or skip it), so resume_from compares them with the checkpoint's. The loader's
+# workers and shuffle buffer are among them: each worker reads its own share of the epoch
+# through its own buffer, so another count reads some jets twice and others never.
+RUN_ARGS = ("data", "n_jets", "n_max", "features", "batch_size", "seed", "classes", "workers",
+            "shuffle_buffer")
 
 
-def resume_from(path, raw_model, optimizer=None, generators=None, args=None):
+def resume_from(path, raw_model, optimizer=None, generators=None, args=None, data=None):
     """Restore weights, optimizer, every RNG and return the step to continue from. With the data
     order derived from (seed, epoch) this continues the run bit for bit (on CPU). Stops with a
     SystemExit listing the differences when the model's parameters (names, shapes) differ from
-    the checkpoint's, or, given `args`, when a RUN_ARGS value or the number of processes does."""
+    the checkpoint's, or, given `args`, when a RUN_ARGS value or the number of processes does.
+    data: the training stream's `identity`; other files (names, sizes, entries) than the
+    checkpoint's stop the run under --data-dir, a moved but identical folder only warns."""
     ckpt = load_checkpoint(path)
     model = unwrap(raw_model)
     have, saved = model.state_dict(), ckpt["model"]
@@ -2004,6 +2117,8 @@ def resume_from(path, raw_model, optimizer=None, generators=None, args=None):
         old = ckpt.get("args") or {}
         diffs += [f"--{k.replace('_', '-')}: checkpoint {old[k]!r}, now {_plain(args[k])!r}"
                   for k in RUN_ARGS if k in args and k in old and _plain(args[k]) != old[k]]
+        diffs += _data_diffs(ckpt.get("data"), data, old.get("data_dir"),
+                             _plain(args.get("data_dir")))
         world = int(os.environ.get("WORLD_SIZE", 1))
         if ckpt.get("world_size", world) != world:
             diffs.append(f"processes: checkpoint {ckpt['world_size']}, now {world}")
@@ -2016,6 +2131,26 @@ def resume_from(path, raw_model, optimizer=None, generators=None, args=None):
         optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"], generators)
     return ckpt["step"]
+
+
+def _data_diffs(saved, now, saved_dir, now_dir):
+    """resume_from's data check. Both identities known: compare the files, and let a moved
+    folder pass with a warning. Otherwise (an older checkpoint, jets in memory): the folder."""
+    if saved is None or now is None:
+        return [] if saved_dir == now_dir else [f"--data-dir: checkpoint {saved_dir!r}, now "
+                                                f"{now_dir!r}"]
+    saved = [list(f) for f in saved]
+    now = [list(f) for f in now]
+    if saved == now:
+        if saved_dir != now_dir:
+            warnings.warn(f"--data-dir {now_dir}: the checkpoint read {saved_dir}; the {len(now)} "
+                          "files are the same (names, sizes, entries), resuming", stacklevel=3)
+        return []
+    gone = [f[0] for f in saved if f not in now]
+    new = [f[0] for f in now if f not in saved]
+    return [f"--data-dir: checkpoint {saved_dir!r} ({len(saved)} files), now {now_dir!r} "
+            f"({len(now)} files); not in the checkpoint's data: {', '.join(new[:3]) or '-'}; "
+            f"missing or changed: {', '.join(gone[:3]) or '-'}"]
 
 
 # --- building encoders from checkpoints ---------------------------------------------------------
@@ -2040,22 +2175,25 @@ def encoder_inputs(batch, cfg=None):
 
 
 class JsonlLogger:
-    """One JSON object per line (`out/<run>.jsonl`); appends, so a resumed run continues the file.
-    resume_step: the step a resumed run continues from; records of that step and later (logged
-    after the checkpoint by the interrupted run, and about to be logged again) are dropped from
-    the file first, atomically. Only the master process should log."""
+    """One JSON object per line (`out/<run>.jsonl`). A new run starts the file afresh (an older
+    run's records are not this run's). resume_step: the step a resumed run continues from; the
+    file is kept up to that step, whose record the checkpoint was saved after, and the records
+    of later steps (logged after the checkpoint by the interrupted run, and about to be logged
+    again) are dropped, atomically. Only the master process should log."""
 
     def __init__(self, path, resume_step=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.is_file():
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.is_file():
             keep = []
             for line in self.path.read_text().splitlines():
                 try:
                     record = json.loads(line)
                 except ValueError:  # a line cut by the kill
                     continue
-                if not (isinstance(record, dict) and record.get("step", -1) >= resume_step):
+                if not (isinstance(record, dict) and record.get("step", -1) > resume_step):
                     keep.append(line + "\n")
             tmp = _tmp_path(self.path)
             tmp.write_text("".join(keep))

@@ -459,13 +459,15 @@ def test_resumed_log_has_each_step_once(tmp_path):
         log.log(dict(step=step, loss=1.0))
     with open(path, "a") as f:
         f.write('{"step": 12, "lo')                  # a line cut by the kill
-    log = common.JsonlLogger(path, resume_step=6)
-    for step in range(6, 10, 2):
+    log = common.JsonlLogger(path, resume_step=6)   # step 6's record came before its save
+    for step in range(8, 12, 2):
         log.log(dict(step=step, loss=0.5))
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert records[0] == dict(config="x")
-    assert [r["step"] for r in records[1:]] == [0, 2, 4, 6, 8]
-    assert records[-1]["loss"] == 0.5
+    assert [r["step"] for r in records[1:]] == [0, 2, 4, 6, 8, 10]
+    assert records[4]["loss"] == 1.0 and records[-1]["loss"] == 0.5
+    common.JsonlLogger(path).log(dict(step=1))      # a new run starts its own log
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [dict(step=1)]
 
 
 # --- 10. clean DDP teardown (the two-process run is tests/test_harness.py) -----------------------
