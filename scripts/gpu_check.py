@@ -25,7 +25,7 @@ GPU machine (no internet): bring weaver-core's wheel with the others. Here, afte
 then, there:
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site; python3 -m scripts.gpu_check --out $OUT/gpu_check
-CPU smoke test of the script itself (tiny models, a few steps, well under a minute when idle):
+CPU smoke test of the script itself (tiny models, a few steps, the sections in one process):
     python -m scripts.gpu_check --device cpu --out /tmp/gpu_smoke
 """
 import argparse
@@ -52,7 +52,7 @@ TINY = dict(
          "--dec-depth", "1", "--dec-heads", "2", "--k", "8", "--kmeans-jets", "64",
          "--kmeans-steps", "2"],
     diffmae=["--size", "tiny", "--diff-mul", "2"],
-    finetune=["--size", "small"],
+    finetune=[],
 )
 
 
@@ -68,9 +68,14 @@ def get_args(argv=None):
                    help="comma-separated sections to run, in this order")
     p.add_argument("--cap-scale", type=float, default=1.0,
                    help="multiply every section's time cap (a slower GPU)")
+    p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the sections in this process, without time caps (None: on for "
+                        "--device cpu, where each process would pay the imports again)")
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # one section, in-process
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
+    if args.in_process is None:
+        args.in_process = cpu
     # one place for the sizes of both modes: (GPU, CPU smoke)
     args.batch_size = 16 if cpu else 512
     args.warmup = 1 if cpu else 8
@@ -185,11 +190,13 @@ def section_method(args, name):
 
 
 def section_finetune(args):
+    """GPU: a ParT-size encoder from scratch; CPU smoke: the jetclr section's tiny encoder."""
     import finetune
-    flags = common_flags(args, "finetune")
-    flags += ["--scratch", "--mode", "finetune", "--label-frac", "1"]
+    flags = common_flags(args, "finetune") + ["--mode", "finetune", "--label-frac", "1"]
     if args.device == "cuda":
-        flags += ["--size", "part"]
+        flags += ["--scratch", "--size", "part"]
+    else:
+        flags += ["--ckpt", str(Path(args.out) / "jetclr" / "jetclr.pt")]
     return timed_train(args, "finetune", lambda: finetune.main(finetune.get_args(flags)))
 
 
@@ -224,6 +231,8 @@ def section_part(args):
 def run_section(args, name):
     """This section in a child process under its cap; its status (ok / failed / cut)."""
     out = Path(args.out)
+    if args.in_process:
+        return run_in_process(args, name)
     cap = CAPS[name] * args.cap_scale * (3 if args.device == "cpu" else 1)
     cmd = [sys.executable, "-m", "scripts.gpu_check", "--section", name, "--out", str(out),
            "--device", args.device, *(["--data-dir", args.data_dir] if args.data_dir else [])]
@@ -235,6 +244,24 @@ def run_section(args, name):
             status = "ok" if rc == 0 else f"failed (rc {rc})"
         except subprocess.TimeoutExpired:
             status = f"cut at {cap:.0f} s"
+    return dict(status=status, seconds=round(time.time() - t0, 1))
+
+
+def run_in_process(args, name):
+    import contextlib
+    import traceback
+    t0 = time.time()
+    status = "ok"
+    with open(Path(args.out) / f"{name}.log", "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        try:
+            section(argparse.Namespace(**dict(vars(args), section=name)))
+        except SystemExit as e:
+            print(e.code)
+            status = f"failed ({str(e.code)[:40]})"
+        except Exception:  # noqa: BLE001  (the traceback goes to the section's log)
+            traceback.print_exc()
+            status = "failed"
     return dict(status=status, seconds=round(time.time() - t0, 1))
 
 
