@@ -177,7 +177,8 @@ def section_method(args, name):
 
     import common
     module = importlib.import_module(name)
-    result = timed_train(args, name, lambda: module.train(module.get_args(common_flags(args, name))))
+    method_args = module.get_args(common_flags(args, name))
+    result = timed_train(args, name, lambda: module.train(method_args))
     write(args, name, result)  # the loader's figure follows; a cut run keeps this much
     ckpt = common.load_checkpoint(Path(args.out) / name / f"{name}.pt")
     cfg, run_args = ckpt["encoder_config"], ckpt["args"]
@@ -299,7 +300,8 @@ def table(args, statuses):
             continue
         lines.append(f"{name:<9} {status:<14} {fmt(r.get('jets_per_s'), '9,.0f')} "
                      f"{fmt(r.get('step_jets_per_s'), '11,.0f')} "
-                     f"{fmt(r.get('loader_jets_per_s'), '13,.0f')} {fmt(r.get('data_ms'), '8.1f')} "
+                     f"{fmt(r.get('loader_jets_per_s'), '13,.0f')} "
+                     f"{fmt(r.get('data_ms'), '8.1f')} "
                      f"{fmt(r.get('step_ms'), '8.1f')} {fmt(r.get('peak_gib'), '8.2f')} "
                      f"{fmt(r.get('graphs'), '6d')} {fmt(r.get('graph_breaks'), '6d')}")
     return "\n".join(lines)

@@ -23,7 +23,8 @@ from test_data import random_jets, write_jetclass
 
 CPU = torch.device("cpu")
 JETCLR = ["--epochs", "1", "--batch-size", "16", "--dim", "16", "--depth", "1", "--heads", "2",
-          "--n-eval", "16", "--n-max", "32", "--device", "cpu", "--no-compile", "--log-every", "50"]
+          "--n-eval", "16", "--n-max", "32", "--device", "cpu", "--no-compile",
+          "--log-every", "50"]
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +78,8 @@ def test_resume_checks_data_identity_workers_and_shuffle_buffer(tmp_path):
         assert common.resume_from(ckpt, model, args=dict(args, data_dir=str(moved)),
                                   data=same) == 3
     for flag, value, shown in (("workers", 0, "--workers: checkpoint 2, now 0"),
-                               ("shuffle_buffer", 50, "--shuffle-buffer: checkpoint 1000, now 50")):
+                               ("shuffle_buffer", 50, "--shuffle-buffer: checkpoint 1000, "
+                                                      "now 50")):
         with pytest.raises(SystemExit, match=shown):
             common.resume_from(ckpt, model, args=dict(args, **{flag: value}), data=stream.identity)
 
