@@ -349,7 +349,12 @@ def _num_entries(source, path):
 def read_root(path, start, stop, n_max, features, drops, step=50_000):
     """JetClass layout (real files and jetgen output)."""
     import awkward as ak
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:  # deleted or moved while the run reads it
+        raise SystemExit(f"{path}: cannot be read any more ({e.strerror}); the file was moved or "
+                         "deleted during the run: put it back and --resume from the last "
+                         "checkpoint") from None
     tree = _open_root_cached(str(path), os.getpid(), st.st_mtime_ns, st.st_size)
     names = set(tree.keys())
     # uproot >= 5.7 writes a record "part" as an RNTuple field part.px (real JetClass files
@@ -571,6 +576,16 @@ def _budget(n_jets, n_files):
     return [n_jets // n_files + (i < n_jets % n_files) for i in range(n_files)]
 
 
+def _warn_empty(files, entries, where):
+    """A file with 0 jets (a tree written empty, an interrupted copy) is skipped, and said so
+    once at the start: it may hold a class the run then silently lacks."""
+    empty = [str(f) for f, e in zip(files, entries) if e == 0]
+    if empty:
+        warnings.warn(f"{where}: {len(empty)} file(s) hold 0 jets and are skipped: "
+                      f"{', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''}; remove them, "
+                      "or download or generate them again", stacklevel=3)
+
+
 def _warn_drops(drops, where):
     if drops["constituents"] or drops["jets"]:
         unphysical = drops.get("unphysical", 0)
@@ -712,8 +727,9 @@ def load_jets(source, path=None, split="train", n_jets=None, n_max=128, features
         return hit
     drops = {"constituents": 0, "jets": 0}
     chunks = []
-    for f, n in zip(files, _budget(n_jets, len(files))):
-        total = _num_entries(source, f)
+    entries = [_num_entries(source, f) for f in files]
+    _warn_empty(files, entries, f"{source} {split}")
+    for f, n, total in zip(files, _budget(n_jets, len(files)), entries):
         stop = total if n is None else min(n, total)
         chunks += [c.to_jets(n_max) for c in READERS[source](f, 0, stop, n_max, features, drops)]
     _warn_drops(drops, f"{source} {split}")
@@ -790,7 +806,7 @@ class JetStream(torch.utils.data.IterableDataset):
         self.n_max, self.features, self.extra, self.workers = n_max, features, extra or {}, workers
         self.buffer = max(shuffle_buffer // max(workers, 1), 2 * batch_size) if shuffle else batch_size
         if isinstance(data, Jets):
-            self.source, self.files = None, ["memory"]
+            self.source, self.files, self.identity = None, ["memory"], None
             self.jets = data if n_jets is None else data[:n_jets]
             self.counts = [len(self.jets)]
         else:
@@ -798,9 +814,13 @@ class JetStream(torch.utils.data.IterableDataset):
                 raise ValueError(f"features must be one of {list(FEATURE_NAMES)}, got {features!r}")
             self.source, self.jets = data, None
             self.files = find_files(data, path, split, classes)
+            entries = [_num_entries(data, f) for f in self.files]
+            # what defines the data, wherever it lies: resume compares it with the checkpoint's
+            self.identity = [[Path(f).name, os.stat(f).st_size, e]
+                             for f, e in zip(self.files, entries)]
+            _warn_empty(self.files, entries, f"{data} {split}")
             self.counts = [min(n, total) if n is not None else total for n, total in
-                           zip(_budget(n_jets, len(self.files)),
-                               (_num_entries(data, f) for f in self.files))]
+                           zip(_budget(n_jets, len(self.files)), entries)]
         self.n = sum(self.counts)  # jets per epoch
         # units small enough that a worker's buffer holds ~16 of them (mixing), large enough
         # that a read decompresses whole baskets
@@ -813,6 +833,11 @@ class JetStream(torch.utils.data.IterableDataset):
                              f"{batch_size} x {world_size} processes): lower --batch-size or use "
                              "more jets")
         self.epoch, self.start = 0, 0
+        if self.source is not None and split != "train":
+            # evaluation reads these jets only after the first epoch: a broken val or test file
+            # must cost seconds at the start, not a trained epoch
+            for _ in self._reads(self.units(0), 0, self.n, {"constituents": 0, "jets": 0}):
+                pass
 
     def __len__(self):
         return self.steps  # batches per epoch on this rank
@@ -855,13 +880,33 @@ class JetStream(torch.utils.data.IterableDataset):
             begin = ends[u] - (b - a)
             if begin >= hi:
                 break
-            for c in READERS[self.source](self.files[i], a + max(lo - begin, 0),
-                                          a + min(hi - begin, b - a), self.n_max, self.features,
-                                          drops, step=self.chunk):
+            read = READERS[self.source](self.files[i], a + max(lo - begin, 0),
+                                        a + min(hi - begin, b - a), self.n_max, self.features,
+                                        drops, step=self.chunk)
+            while True:
+                try:
+                    c = next(read)
+                except StopIteration:
+                    break
+                except Exception as e:  # noqa: BLE001  (the readers name their own errors)
+                    raise SystemExit(f"{self.files[i]}: cannot be read ({type(e).__name__}: "
+                                     f"{e}); the file may be truncated, corrupt or gone: replace "
+                                     "it and --resume from the last checkpoint") from None
                 c.per_jet["file"] = np.full(len(c), i, dtype=np.int64)
                 yield c
 
     def __iter__(self):
+        if torch.utils.data.get_worker_info() is None:
+            yield from self._batches()
+            return
+        # in a loader worker, a reader's one-line SystemExit would kill the process and reach the
+        # user as DataLoader's "worker exited unexpectedly" traceback: pass it on as a batch
+        try:
+            yield from self._batches()
+        except SystemExit as e:
+            yield {"error": str(e.code)}
+
+    def _batches(self):
         info = torch.utils.data.get_worker_info()
         workers, w = (1, 0) if info is None else (info.num_workers, info.id)
         # the DataLoader takes batches from its workers in turn, starting with worker 0, so batch
@@ -943,6 +988,8 @@ def loader(stream, device, epoch=0, start=0):
             stream, batch_size=None, num_workers=stream.workers, pin_memory=device.type == "cuda",
             prefetch_factor=4, persistent_workers=False, multiprocessing_context="fork")
     for batch in stream:
+        if "error" in batch:  # a loader worker's read error (JetStream.__iter__)
+            raise SystemExit(batch["error"])
         yield {k: t.to(device, non_blocking=True) for k, t in batch.items()}
 
 
@@ -1678,6 +1725,9 @@ def add_common_args(parser, skip=()):
     add("--out", default="out", help="folder for checkpoints, logs and results")
     add("--resume", default=None, metavar="CKPT",
         help="continue the run saved in this checkpoint (weights, optimizer, RNG, data order)")
+    add("--overwrite", action="store_true",
+        help="replace the output another run left in --out (its checkpoint and log, or "
+             "finetune.py's results folder) instead of stopping")
     add("--eval-every", type=nonneg_int, default=0,
         help="evaluate every this many steps (0: at the end of each epoch)")
     add("--log-every", type=positive_int, default=10,
@@ -1781,6 +1831,7 @@ def cleanup(s):
     """Leave the process group. The barrier first: a rank that tears down while another still
     talks to it makes gloo/NCCL abort the process ("terminate called without an active
     exception")."""
+    _release_claims()
     if s.ddp:
         import torch.distributed as dist
         if dist.is_initialized():
@@ -1844,6 +1895,37 @@ def check_finite(loss, step, where, grad_norm=None):
                          "input data, or lower --lr")
 
 
+def check_val_loss(value, where):
+    """Return the validation loss `value`, or stop the run (SystemExit, non-zero exit) when it
+    is NaN/inf: call it in the evaluation, before the checkpoint is saved, so the last good
+    checkpoint stays and no result is written from a run that reports nothing real."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise SystemExit(f"validation loss {value} on {where}; stopping without a new "
+                         "checkpoint (the last one is kept). Check the data and the settings "
+                         "that leave nothing to score (--n-max, the mask ratio), or lower --lr")
+    return value
+
+
+def probe_possible(stream):
+    """Whether the end-of-run linear probe can run on `stream` (the training stream): a probe
+    needs two classes. One-class pretraining (QCD only) is a real use: say so in one line."""
+    if stream.jets is not None:
+        classes = {int(c) for c in np.unique(np.asarray(stream.jets.y))}
+    elif stream.source == "toptagging":
+        return True
+    else:
+        names = {PREFIX[c]: c for c in CLASSES}
+        classes = {names.get(_class_of(f), _class_of(f))
+                   for f, n in zip(stream.files, stream.counts) if n > 0}
+    if len(classes) > 1:
+        return True
+    print(f"linear probe skipped: the training jets hold one class "
+          f"({', '.join(map(str, sorted(classes)))}); a probe needs two (finetune.py scores the "
+          "encoder on labelled data)")
+    return False
+
+
 # --- checkpoints --------------------------------------------------------------------------------
 
 
@@ -1902,7 +1984,7 @@ def _plain(value):
 
 
 def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=None,
-                    optimizer=None, step=0, generators=None, **extra):
+                    optimizer=None, step=0, generators=None, data=None, **extra):
     """Write a checkpoint atomically (temporary file, then os.replace: a crash mid-write never
     leaves a truncated file under `path`). Modules are saved unwrapped (no `_orig_mod.` keys).
       method          the script that wrote it ("mpm", "jjepa", ..., "part" for supervised)
@@ -1911,6 +1993,8 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
       encoder         the backbone a fine-tuner needs; rebuilt by build_encoder(method, cfg)
       encoder_config  dict (or dataclass) of that backbone's constructor arguments
       generators      dict name -> torch.Generator whose state resume must restore
+      data            the training stream's `identity` (files' names, sizes, entries): resume
+                      refuses other data
       extra           anything else the method needs back (e.g. K-means centroids)"""
     if dataclasses.is_dataclass(encoder_config):
         encoder_config = dataclasses.asdict(encoder_config)
@@ -1930,6 +2014,7 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
         optimizer=optimizer.state_dict() if optimizer is not None else None,
         rng=rng_state(generators),
         step=step,
+        data=data,
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         git=git_hash(),
         versions=versions(),
@@ -1974,6 +2059,69 @@ def write_json_atomic(path, obj, finite=None):
     os.replace(tmp, path)
 
 
+# lock-file path -> (pid, fd, claimed): the flocks this process holds (a killed process releases
+# them). Kept per pid: a forked child inherits the dict but not the right to write.
+_LOCKS = {}
+
+
+def lock_output(path, claimed=False):
+    """Check that `path`'s folder is writable (create it, write a probe file) and take an
+    exclusive flock on `<path>.lock` until the process ends (or, for claim_output's locks, the
+    run's cleanup), so that a second run writing the same file stops at its start, naming the
+    process that holds the lock."""
+    import fcntl
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".write-test.{os.getpid()}.tmp"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"--out {path.parent}: not writable ({e.strerror or e}); give a folder "
+                         "you can write to") from None
+    lock = str(path.with_name(path.name + ".lock"))
+    if _LOCKS.get(lock, (None,))[0] == os.getpid():
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)  # a raw fd: closed by exit, unwarned
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pid = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise SystemExit(f"{path}: another run (pid {pid}) is writing it; wait for that run to "
+                         "end, or use another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _LOCKS[lock] = (os.getpid(), fd, claimed)
+
+
+def _release_claims():
+    """cleanup's part: a run that ended lets the next one (in this process or another) claim
+    its checkpoint; study.py's lock on its --out stays."""
+    for lock, (pid, fd, claimed) in list(_LOCKS.items()):
+        if pid == os.getpid() and claimed:
+            os.close(fd)
+            del _LOCKS[lock]
+
+
+def claim_output(path, args):
+    """Make `path` (out/<method>.pt, or finetune.py's results.json) this run's, at its start:
+    --out must be writable, no other live run may write it (lock_output), and a file another
+    run left there is replaced only when this run resumes it (--resume) or --overwrite says so.
+    Only rank 0 writes, so the other ranks of torchrun claim nothing. Call it right after
+    setup, before the first output."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    path = Path(path)
+    lock_output(path, claimed=True)
+    resume = getattr(args, "resume", None)
+    if path.exists() and not getattr(args, "overwrite", False) and \
+            not (resume and Path(resume).resolve() == path.resolve()):
+        how = f"continue it with --resume {path}, " if hasattr(args, "resume") else ""
+        raise SystemExit(f"{path} holds another run's output: {how}replace it with --overwrite, "
+                         "or use another --out")
+
+
 def load_checkpoint(path, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
@@ -1985,15 +2133,20 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 # the arguments that fix a run's batches: resuming with other values would silently train on
-# other data (or skip it), so resume_from compares them with the checkpoint's
-RUN_ARGS = ("data", "n_jets", "n_max", "features", "batch_size", "seed", "classes")
+# other data (or skip it), so resume_from compares them with the checkpoint's. The loader's
+# workers and shuffle buffer are among them: each worker reads its own share of the epoch
+# through its own buffer, so another count reads some jets twice and others never.
+RUN_ARGS = ("data", "n_jets", "n_max", "features", "batch_size", "seed", "classes", "workers",
+            "shuffle_buffer")
 
 
-def resume_from(path, raw_model, optimizer=None, generators=None, args=None):
+def resume_from(path, raw_model, optimizer=None, generators=None, args=None, data=None):
     """Restore weights, optimizer, every RNG and return the step to continue from. With the data
     order derived from (seed, epoch) this continues the run bit for bit (on CPU). Stops with a
     SystemExit listing the differences when the model's parameters (names, shapes) differ from
-    the checkpoint's, or, given `args`, when a RUN_ARGS value or the number of processes does."""
+    the checkpoint's, or, given `args`, when a RUN_ARGS value or the number of processes does.
+    data: the training stream's `identity`; other files (names, sizes, entries) than the
+    checkpoint's stop the run under --data-dir, a moved but identical folder only warns."""
     ckpt = load_checkpoint(path)
     model = unwrap(raw_model)
     have, saved = model.state_dict(), ckpt["model"]
@@ -2006,6 +2159,8 @@ def resume_from(path, raw_model, optimizer=None, generators=None, args=None):
         old = ckpt.get("args") or {}
         diffs += [f"--{k.replace('_', '-')}: checkpoint {old[k]!r}, now {_plain(args[k])!r}"
                   for k in RUN_ARGS if k in args and k in old and _plain(args[k]) != old[k]]
+        diffs += _data_diffs(ckpt.get("data"), data, old.get("data_dir"),
+                             _plain(args.get("data_dir")))
         world = int(os.environ.get("WORLD_SIZE", 1))
         if ckpt.get("world_size", world) != world:
             diffs.append(f"processes: checkpoint {ckpt['world_size']}, now {world}")
@@ -2018,6 +2173,26 @@ def resume_from(path, raw_model, optimizer=None, generators=None, args=None):
         optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"], generators)
     return ckpt["step"]
+
+
+def _data_diffs(saved, now, saved_dir, now_dir):
+    """resume_from's data check. Both identities known: compare the files, and let a moved
+    folder pass with a warning. Otherwise (an older checkpoint, jets in memory): the folder."""
+    if saved is None or now is None:
+        return [] if saved_dir == now_dir else [f"--data-dir: checkpoint {saved_dir!r}, now "
+                                                f"{now_dir!r}"]
+    saved = [list(f) for f in saved]
+    now = [list(f) for f in now]
+    if saved == now:
+        if saved_dir != now_dir:
+            warnings.warn(f"--data-dir {now_dir}: the checkpoint read {saved_dir}; the {len(now)} "
+                          "files are the same (names, sizes, entries), resuming", stacklevel=3)
+        return []
+    gone = [f[0] for f in saved if f not in now]
+    new = [f[0] for f in now if f not in saved]
+    return [f"--data-dir: checkpoint {saved_dir!r} ({len(saved)} files), now {now_dir!r} "
+            f"({len(now)} files); not in the checkpoint's data: {', '.join(new[:3]) or '-'}; "
+            f"missing or changed: {', '.join(gone[:3]) or '-'}"]
 
 
 # --- building encoders from checkpoints ---------------------------------------------------------
@@ -2042,22 +2217,25 @@ def encoder_inputs(batch, cfg=None):
 
 
 class JsonlLogger:
-    """One JSON object per line (`out/<run>.jsonl`); appends, so a resumed run continues the file.
-    resume_step: the step a resumed run continues from; records of that step and later (logged
-    after the checkpoint by the interrupted run, and about to be logged again) are dropped from
-    the file first, atomically. Only the master process should log."""
+    """One JSON object per line (`out/<run>.jsonl`). A new run starts the file afresh (an older
+    run's records are not this run's). resume_step: the step a resumed run continues from; the
+    file is kept up to that step, whose record the checkpoint was saved after, and the records
+    of later steps (logged after the checkpoint by the interrupted run, and about to be logged
+    again) are dropped, atomically. Only the master process should log."""
 
     def __init__(self, path, resume_step=None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.is_file():
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.is_file():
             keep = []
             for line in self.path.read_text().splitlines():
                 try:
                     record = json.loads(line)
                 except ValueError:  # a line cut by the kill
                     continue
-                if not (isinstance(record, dict) and record.get("step", -1) >= resume_step):
+                if not (isinstance(record, dict) and record.get("step", -1) > resume_step):
                     keep.append(line + "\n")
             tmp = _tmp_path(self.path)
             tmp.write_text("".join(keep))

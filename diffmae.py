@@ -323,7 +323,8 @@ def evaluate(model, stream, args, s):
         with s.ctx:
             total += float(model(**batch)) * len(b["x"])
             zs.append(model.encoder(b["x"].to(s.device), b["valid"].to(s.device))[2].float().cpu())
-    return dict(val_loss=total / sum(map(len, zs)), **common.collapse_stats(torch.cat(zs)))
+    return dict(val_loss=common.check_val_loss(total / sum(map(len, zs)), f"{args.data} val"),
+                **common.collapse_stats(torch.cat(zs)))
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -335,6 +336,7 @@ def encoder_config(args):
 
 def train(args):
     s = common.setup(args)
+    common.claim_output(os.path.join(args.out, "diffmae.pt"), args)
     stream = lambda split, **kw: common.JetStream(  # noqa: E731
         args.data, split, path=args.data_dir, n_max=args.n_max, features=args.features,
         batch_size=args.batch_size, seed=args.seed, workers=args.workers, **kw)
@@ -354,7 +356,8 @@ def train(args):
     groups = common.decay_groups(rest, args.weight_decay) + [dict(params=list(raw_model.diff.parameters()),
                                                                   weight_decay=0.0)]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
-    start = common.resume_from(args.resume, raw_model, opt, args=args) if args.resume else 0
+    start = common.resume_from(args.resume, raw_model, opt, args=args,
+                               data=train_stream.identity) if args.resume else 0
     model = common.wrap_model(raw_model, s)
     log = (common.JsonlLogger(os.path.join(args.out, "diffmae.jsonl"), resume_step=start if args.resume else None)
            if s.master else None)  # one writer: rank 0 drops the records a resumed run logs again
@@ -389,12 +392,12 @@ def train(args):
             log.log(result)
             common.save_checkpoint(os.path.join(args.out, "diffmae.pt"), method="diffmae", args=args,
                                    encoder_config=cfg, encoder=raw_model.encoder, model=raw_model,
-                                   optimizer=opt, step=step + 1)
+                                   optimizer=opt, step=step + 1, data=train_stream.identity)
             t0 = time.time()  # the next dt is a training step's, not the evaluation's
     bar.close()
 
     # --- end of run: the linear probe, fitted on a bounded train sample, scored on val ---
-    if s.master:
+    if s.master and common.probe_possible(train_stream):
         result = result or evaluate(raw_model, val_stream, args, s)   # no steps: the initial encoder
         fit = stream("train", n_jets=min(args.n_eval or 20_000, train_stream.n), shuffle=False, drop_last=False)
         z_fit, y_fit = common.embed_stream(raw_model.encoder, fit, s.device, s.ctx, ("x", "valid"))

@@ -384,7 +384,12 @@ def seed_streams(args, spec, data, seed):
         val = make_stream(args, spec, data["val_pool"][vmix], shuffle=False, drop_last=False,
                           extra={"label": vlabels})
     elif len(np.unique(labels)) < len(data["classes"]):
-        raise SystemExit(f"{len(idx)} labelled jets miss a class: use more (--n-labels)")
+        # label_subset takes every class the pool holds: the pool itself lacks these, and more
+        # --n-labels cannot add them (the split is spread over its files by --n-jets)
+        lack = [spec["classes"][k] for k in range(len(data["classes"])) if k not in y]
+        raise SystemExit(f"the training jets read for the labels ({len(y)}) hold no "
+                         f"{', '.join(lack)} jet: raise --n-jets (now {args.n_jets}, spread over "
+                         "the class files) or remove those classes' files from --data-dir")
     train = make_stream(args, spec, data["pool"][idx], seed=seed, extra={"label": labels},
                         batch_size=min(args.batch_size, len(idx)))  # 100 labels still make a step
     return train, val
@@ -566,14 +571,17 @@ def main(args, splits=None):
         raise SystemExit("finetune.py runs in one process: launch it with python, not torchrun")
     spec = load_spec(args)
     data = open_data(args, spec, splits)
-    labels = f"n{args.n_labels}" if args.n_labels is not None else f"f{args.label_frac:g}"
+    # the labels used, not those asked for: --n-labels beyond the split takes the whole split
+    labels = f"n{data['n_labels']}" if args.n_labels is not None else f"f{args.label_frac:g}"
     task = f"cwola{args.signal_frac:g}" if args.task == "cwola" else ""
     name = args.name or "_".join(x for x in (
         Path(args.ckpt).stem if args.ckpt else f"part-{args.size}",
         "scratch" if args.scratch else "", args.mode, args.head, labels, task,
         f"min{args.min_subjets}sj" if args.min_subjets else "") if x)
     out = Path(args.out) / name
-    out.mkdir(parents=True, exist_ok=True)
+    common.claim_output(out / "results.json", args)
+    if args.overwrite:  # results.json means a finished run: not the old one beside a new log
+        (out / "results.json").unlink(missing_ok=True)
     log = common.JsonlLogger(out / "log.jsonl")
     how = ("in memory, a stratified subset per seed" if data["pool"] is not None else
            "streamed: the first jets of every file, the same for every seed")
@@ -610,6 +618,7 @@ def main(args, splits=None):
     print(f"test, {args.seeds} seed(s): " + "  ".join(f"{m} {mean[m]:.4g} +- {std[m]:.2g}"
                                                     for m in keys))
     print(f"wrote {out / 'results.json'}, test_repr.npz and roc.png")
+    common.cleanup(s)
     return results
 
 

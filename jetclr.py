@@ -305,7 +305,7 @@ def val_loss(raw_model, stream, s, args):
         total += nt_xent(z, args.nt_xent_temperature).item() * len(z)
         n += len(z)
     raw_model.train()
-    return total / n
+    return common.check_val_loss(total / n, f"{args.data} val")
 
 
 def lct(raw_model, cfg, s, args):
@@ -335,6 +335,7 @@ def lct(raw_model, cfg, s, args):
 
 def train(args):
     s = common.setup(args)
+    common.claim_output(Path(args.out) / "jetclr.pt", args)
     out = Path(args.out)
     # collinear splitting fills free slots: the training stream keeps all n_max of them
     train_stream = common.JetStream(
@@ -345,7 +346,8 @@ def train(args):
     raw_model = JetCLR(cfg, args.proj_dim).to(s.device)
     optimizer = common.configure_optimizer(raw_model, args.lr, args.weight_decay,
                                            device_type=s.device_type)
-    start = common.resume_from(args.resume, raw_model, optimizer, args=args) if args.resume else 0
+    start = common.resume_from(args.resume, raw_model, optimizer, args=args,
+                               data=train_stream.identity) if args.resume else 0
     model = common.wrap_model(raw_model, s)
     total = args.steps or args.epochs * len(train_stream)
     warmup = common.warmup_steps(args.warmup, total)
@@ -403,10 +405,11 @@ def train(args):
             logger.log(result)
             common.save_checkpoint(out / "jetclr.pt", method="jetclr", args=args, model=raw_model,
                                    encoder=raw_model.encoder, encoder_config=cfg,
-                                   optimizer=optimizer, step=step + 1)
+                                   optimizer=optimizer, step=step + 1,
+                                   data=train_stream.identity)
             t0 = time.time()  # the evaluation is not part of the next step's dt
     bar.close()
-    if args.lct and s.master:
+    if args.lct and s.master and common.probe_possible(train_stream):
         result.update(lct(raw_model, cfg, s, args))
         logger.log(result)
     common.cleanup(s)

@@ -315,7 +315,8 @@ def evaluate(raw_model, stream, args, cfg, s):
         raise SystemExit(f"--min-subjets {args.min_subjets}: fewer than 2 of the {n_jets} val "
                          "jets have that many subjets; lower it")
     z = torch.cat(zs)
-    return dict(val_loss=loss_sum / max(n_tgt, 1), kept=len(z) / n_jets, **common.collapse_stats(z),
+    return dict(val_loss=common.check_val_loss(loss_sum / max(n_tgt, 1), f"{args.data} val"),
+                kept=len(z) / n_jets, **common.collapse_stats(z),
                 paper_cos=common.collapse_stats(torch.cat(flat)[:128])["cos"])
 
 
@@ -323,6 +324,7 @@ def evaluate(raw_model, stream, args, cfg, s):
 
 def train(args):
     s, cfg = common.setup(args), encoder_config(args)
+    common.claim_output(os.path.join(args.out, "jjepa.pt"), args)
     stream = functools.partial(common.JetStream, args.data, path=args.data_dir, n_max=args.n_max, pad=PAD,
                                batch_size=args.batch_size, seed=args.seed, workers=args.workers,
                                shuffle_buffer=args.shuffle_buffer, transform=batch_transform(cfg))
@@ -332,7 +334,8 @@ def train(args):
     warmup = common.warmup_steps(args.warmup, total)
     raw_model = JJEPA(cfg, args).to(s.device)
     optimizer = common.configure_optimizer(raw_model, args.lr, args.weight_decay, device_type=s.device_type)
-    start_step = args.resume and common.resume_from(args.resume, raw_model, optimizer, args=args) or 0
+    start_step = args.resume and common.resume_from(args.resume, raw_model, optimizer, args=args,
+                                                    data=train_stream.identity) or 0
     model = common.wrap_model(raw_model, s)
     if s.master:
         size = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"  # noqa: E731
@@ -374,10 +377,12 @@ def train(args):
                 f"{k} {stats[k]:.3f}" for k in ("paper_cos", "cos", "std", "erank", "kept")))
             common.save_checkpoint(os.path.join(args.out, "jjepa.pt"), method="jjepa", args=args,
                                    model=raw_model, encoder=raw_model.target_encoder,
-                                   encoder_config=cfg, optimizer=optimizer, step=done)
+                                   encoder_config=cfg, optimizer=optimizer, step=done,
+                                   data=train_stream.identity)
             t0 = time.perf_counter()  # the next dt leaves the evaluation out
     bar.close()
-    if s.master:  # the one probe protocol: fit on a bounded train sample, score on val
+    # the one probe protocol: fit on a bounded train sample, score on val
+    if s.master and common.probe_possible(train_stream):
         fit = stream(split="train", n_jets=min(args.n_eval or 20_000, train_stream.n),
                      shuffle=False, drop_last=False)
         embed = functools.partial(common.embed_stream, raw_model.target_encoder, device=s.device,

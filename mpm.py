@@ -324,7 +324,8 @@ def evaluate(raw_model, stream, args, s):
         n = b["valid_m"].sum()
         sums += torch.stack([loss * n, stats["token_acc"] * n, n]).double().cpu()
     raw_model.train()
-    return dict(loss=float(sums[0] / sums[2]), token_acc=float(sums[1] / sums[2]))
+    return dict(loss=common.check_val_loss(sums[0] / sums[2], f"{args.data} val"),
+                token_acc=float(sums[1] / sums[2]))
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -332,6 +333,7 @@ def train(args, jets=None):
     """Pretrain; returns the final metrics. jets: {"train": common.Jets, "val": common.Jets}
     to stream instead of args.data (tests, notebooks)."""
     s = common.setup(args)
+    common.claim_output(Path(args.out) / "mpm.pt", args)
     print(f"mpm: {vars(args)}\ngit {common.git_hash()} {common.versions()} device {s.device}")
 
     def stream(split, **kw):  # every split streams: bounded memory whatever its size
@@ -360,7 +362,8 @@ def train(args, jets=None):
           f"{sum(p.numel() for p in raw_model.encoder.parameters()):,}")
     optimizer = common.configure_optimizer(raw_model, args.lr, args.weight_decay,
                                            device_type=s.device_type)
-    start_step = (common.resume_from(args.resume, raw_model, optimizer, args=args)
+    start_step = (common.resume_from(args.resume, raw_model, optimizer, args=args,
+                                     data=train_stream.identity)
                   if args.resume else 0)
     model = common.wrap_model(raw_model, s)
     log = (common.JsonlLogger(Path(args.out) / "mpm.jsonl",
@@ -398,12 +401,13 @@ def train(args, jets=None):
             common.check_finite(loss, step + 1, f"{args.data} train")
             common.save_checkpoint(Path(args.out) / "mpm.pt", method="mpm", args=args,
                                    model=raw_model, encoder=raw_model.encoder,
-                                   encoder_config=enc_cfg, optimizer=optimizer, step=step + 1)
+                                   encoder_config=enc_cfg, optimizer=optimizer, step=step + 1,
+                                   data=train_stream.identity)
             t0 = time.time()  # the next dt is a training step's, not the evaluation's
     bar.close()
     # --- end of run: the linear probe (fit: bounded train sample, score: val)
     result = dict(steps=total, loss=record and record["loss"], val=record and record["val"])
-    if s.master:
+    if s.master and common.probe_possible(train_stream):
         fit_stream = stream("train", n_jets=args.n_eval or 20_000, shuffle=False, drop_last=False)
         embed = lambda st: common.embed_stream(raw_model.encoder, st, s.device, s.ctx,  # noqa: E731
                                                ("x", "valid"))

@@ -553,7 +553,8 @@ def report(args, rows):
 
 
 def main(args):
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    # two studies in one --out would delete each other's running cells (run_cell's .tmp)
+    common.lock_output(Path(args.out) / "study.json")
     n_pre = len(args.variants) * len(args.sizes)
     print(f"study: {len(args.variants)} model(s) x {len(args.sizes)} size(s) = {n_pre} pretraining runs, "
           f"then {len(args.label_counts)} label count(s) x {args.seeds} seed(s) of fine-tuning; "

@@ -105,7 +105,7 @@ def test_main_writes_results_history_and_repr(tiny_pythia, tiny_ckpt, tmp_path, 
     assert rep["z"].shape == (10, TINY["dim"]) and np.isfinite(rep["z"]).all()
     assert sorted(rep["y"].tolist()) == [0] * 5 + [1] * 5
     assert (run / "roc.png").stat().st_size > 1000
-    again = finetune.main(get_args(argv[:7] + ["1"] + argv[8:]))   # same seed 0, one seed
+    again = finetune.main(get_args(argv[:7] + ["1"] + argv[8:] + ["--overwrite"]))  # seed 0 only
     assert again["per_seed"][0] == results["per_seed"][0]
     assert np.array_equal(np.load(run / "test_repr.npz")["z"], rep["z"])
 
@@ -145,7 +145,7 @@ def test_labels_in_memory_differ_by_seed_streamed_are_fixed(tiny_pythia, tiny_ck
     assert len(a) == 30
     results = finetune.main(args)
     assert results["labels"] == "stream" and results["n_train"] == 30
-    workers = finetune.main(get_args(argv + ["--workers", 1]))
+    workers = finetune.main(get_args(argv + ["--workers", 1, "--overwrite"]))
     assert workers["per_seed"] == results["per_seed"]               # loader workers: same batches
 
 

@@ -398,14 +398,18 @@ def test_n_jets_zero_and_empty_trees(tmp_path):
     with pytest.raises(ValueError, match="n_jets"):
         common.load_jets("pythia", d, n_jets=-5)
     write_jetclass(tmp_path / "e/train/TTBar_000.root", [], "Tbqq")  # a 0-entry tree
-    with pytest.raises(SystemExit, match="no jets read from 1 file.*TTBar_000.root"):
+    with pytest.raises(SystemExit, match="no jets read from 1 file.*TTBar_000.root"), \
+            pytest.warns(UserWarning, match="hold 0 jets"):
         common.load_jets("pythia", tmp_path / "e")
     write_jetclass(tmp_path / "e/train/ZJetsToNuNu_000.root", random_jets(5, 0), "QCD")
-    assert len(common.load_jets("pythia", tmp_path / "e")) == 5     # the empty file is skipped
-    s = common.JetStream("pythia", path=tmp_path / "e", batch_size=2, n_max=8)
+    empty = "1 file\\(s\\) hold 0 jets and are skipped: .*TTBar_000.root"
+    with pytest.warns(UserWarning, match=empty):                    # skipped, and said so
+        assert len(common.load_jets("pythia", tmp_path / "e")) == 5
+    with pytest.warns(UserWarning, match=empty):
+        s = common.JetStream("pythia", path=tmp_path / "e", batch_size=2, n_max=8)
     assert sorted(s.counts) == [0, 5] and len(s) == 2               # the empty file: no units
     assert sum(len(b["y"]) for b in common.loader(s, torch.device("cpu"))) == 4
-    with pytest.raises(SystemExit, match="fewer than one step"):
+    with pytest.raises(SystemExit, match="fewer than one step"), pytest.warns(UserWarning):
         common.JetStream("pythia", path=tmp_path / "e", classes=["Tbqq"], batch_size=2)
 
 
@@ -455,13 +459,15 @@ def test_resumed_log_has_each_step_once(tmp_path):
         log.log(dict(step=step, loss=1.0))
     with open(path, "a") as f:
         f.write('{"step": 12, "lo')                  # a line cut by the kill
-    log = common.JsonlLogger(path, resume_step=6)
-    for step in range(6, 10, 2):
+    log = common.JsonlLogger(path, resume_step=6)   # step 6's record came before its save
+    for step in range(8, 12, 2):
         log.log(dict(step=step, loss=0.5))
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert records[0] == dict(config="x")
-    assert [r["step"] for r in records[1:]] == [0, 2, 4, 6, 8]
-    assert records[-1]["loss"] == 0.5
+    assert [r["step"] for r in records[1:]] == [0, 2, 4, 6, 8, 10]
+    assert records[4]["loss"] == 1.0 and records[-1]["loss"] == 0.5
+    common.JsonlLogger(path).log(dict(step=1))      # a new run starts its own log
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [dict(step=1)]
 
 
 # --- 10. clean DDP teardown (the two-process run is tests/test_harness.py) -----------------------
