@@ -1,18 +1,28 @@
-"""study.py: the JetCLR scaling study (Zhao et al., arXiv 2408.09343) for every method, in one command.
+"""study.py: does pretraining help? The JetCLR scaling study (Zhao et al., arXiv 2408.09343) for
+every method, in one command, with a protocol that can tell (issue 19).
 
 For each method and each pretraining size N, pretrain on a class-balanced subset of N jets
-(`<method>.py --n-jets N`). Then fine-tune every checkpoint at every label count with --seeds
-seeds (finetune.py), next to the same architecture from random weights (finetune.py --scratch:
-one scratch row per architecture; methods build different encoders, so each method gets its
-own). Pretraining and fine-tuning may read different datasets: the transfer (JetClass -> Top
-Tagging) is the point. Everything lands under --out:
-  study.json         every cell: its command, results (mean, std, per seed) and convergence
-  study.md           one table per label count: model x pretraining size; accuracy, AUC,
-                     1/eps_B at eps_S = 0.5 and 0.3, epochs to converge (first validation within
-                     1% of the final accuracy), mean +- std over seeds; scratch first; differences
-                     from scratch beyond 2 sigma marked, and a plain list of where they are not
+(`<method>.py --n-jets N`, --pretrain-steps steps whatever N: the size axis measures data
+diversity, not compute). Then fine-tune every checkpoint at every label count (finetune.py),
+next to the same architecture from random weights (finetune.py --scratch: one scratch row per
+architecture). Both arms get the same step budget and settings, and each seed draws one label
+subset and one initial head that both arms share, so they are compared seed by seed. Every
+pair shares one pretraining run per method and size. With --probe (default) a linear probe of
+each frozen encoder, pretrained and random, says whether pretraining learned anything at all.
+Pretraining uses "kin" features unless both sides are JetClass (Top Tagging has no particle ID
+or impact parameters; methods without --features are kin-only), and J-JEPA the context frame.
+Everything lands under --out:
+  study.json         every cell: its command, results (per seed), paired differences, Holm p
+  study.md           per label count: mean +- std of accuracy, AUC, 1/eps_B at eps_S = 0.5 and
+                     0.3, max eps_S/sqrt(eps_B) (>= 10 background jets), steps to the best
+                     validation and the seeds that converged (best before the last quarter);
+                     then the paired gain over scratch with its 95% t interval, the paired
+                     t-test p and, for AUC, Holm's correction over the table's pretrained rows
+                     (marked where < 0.05), and the probe's gain over random weights; then the
+                     pretraining runs (final SSL validation loss, change over the last quarter)
+  gain.png           paired AUC gain over scratch against the number of labels, 95% intervals
   labels.png         1/eps_B(0.5) and accuracy against the number of labels (std bands)
-  pretrain_size.png  1/eps_B(0.5) and convergence epochs against the pretraining size
+  pretrain_size.png  1/eps_B(0.5) and steps to the best validation against the pretraining size
   tsne.png           t-SNE of fine-tuned test-jet vectors (smallest label count), scratch against
                      each method at its largest pretraining size
 A cell is one program run (a subprocess: its memory is freed when it ends and its output is a
@@ -24,6 +34,22 @@ redone from its start. A failing cell stops the study with one line naming the c
 cartesian product; diffmae's default is its mask-ratio x pred-ratio grid), each pretrained and
 scored by finetune.py (--finetune-mode probe by default), with the same tables and plots.
 
+CPU study (issue 19 item 6; 2 cores). Data: ten-class jets without MPI for pretraining (50k
+training jets; the 10k set is a class-balanced subset of them), and top vs QCD in the Top
+Tagging window with MPI and another seed for fine-tuning (20k train, 2k val, 10k test):
+  python jetgen.py --out data/study/pre --preset jetclass --classes all --jets-per-class 6250 \
+      --split 0.8,0.1,0.1 --seed 101 --workers 2
+  python jetgen.py --out data/study/ft --preset toptagging --classes QCD,Tbqq --mpi \
+      --jets-per-class 16000 --split 0.625,0.0625,0.3125 --seed 202 --workers 2
+  timeout 90m python study.py --methods jjepa,jetclr,mpm,diffmae --pretrain-data pythia \
+      --pretrain-dir data/study/pre --finetune-data pythia --finetune-dir data/study/ft \
+      --pretrain-jets 10000,50000 --pretrain-steps 2000 --labels 100,1000,10000 --seeds 5 \
+      --cheap-seeds 10 --finetune-min-steps 500 --n-val 2000 --n-eval 10000 --device cpu \
+      --out out/study_cpu
+Rerun the last line until it writes study.md: each run is one part of at most 90 minutes, and
+a part cut short loses only its running cell. 8 pretraining runs of 2,000 steps; then 12
+fine-tuning cells per label count (4 scratch, 8 pretrained) with 10, 10 and 5 seeds of 500,
+500 and 800 steps, and as many probe cells (frozen encoder: no backward pass).
 GPU (the real study; see the README for the run time):
   python study.py --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass --finetune-data \
       toptagging --pretrain-jets 1000000,10000000 --labels 100,1000,10000,all --seeds 5 \
@@ -445,6 +471,44 @@ def summarize(out, rows):
     return rows
 
 
+def ssl_curve(log_path):
+    """(step, SSL validation loss) points of a pretraining log (<method>.jsonl); the scripts
+    write the loss as val_loss or val.loss."""
+    points = {}
+    for line in Path(log_path).read_text().splitlines():
+        r = json.loads(line)
+        val = r.get("val") if isinstance(r.get("val"), dict) else {}
+        loss = r.get("val_loss", val.get("loss"))
+        if "step" in r and loss is not None:
+            points[r["step"]] = loss
+    return sorted(points.items())
+
+
+def flattening(curve):
+    """Relative change of the validation loss over the last quarter of the run: |L_end - L_q| /
+    |L_end|, L_q at the first evaluation at or after 3/4 of the steps (nan if that is the end)."""
+    if not curve:
+        return math.nan
+    end_step, end = curve[-1]
+    start = next(v for s, v in curve if s >= 0.75 * end_step)
+    late = [s for s, _ in curve if s >= 0.75 * end_step]
+    return abs(end - start) / abs(end) if len(late) > 1 and end else math.nan
+
+
+def pretraining_rows(rows):
+    """One line per pretraining run: steps, final SSL validation loss, last-quarter change."""
+    out = []
+    for r in rows:
+        log = Path(r["ckpt"]).with_suffix(".jsonl")
+        if r["scratch"] or r["labels"] != rows[0]["labels"] or not log.exists():
+            continue
+        curve = ssl_curve(log)
+        out.append(dict(model=r["model"], pretrain_jets=r["pretrain_jets"],
+                        steps=curve[-1][0] if curve else None,
+                        val_loss=curve[-1][1] if curve else None, change=flattening(curve)))
+    return out
+
+
 def scratch_of(rows, row):
     """The scratch row a pretrained row is compared with: its architecture, its label count."""
     return next(b for b in rows
@@ -541,6 +605,15 @@ def write_markdown(args, rows, path):
                 cells += [fmt_diff(d[k], k) for _, k, _ in METRICS if k != "auc"]
                 cells.append(fmt_diff(r["probe"], "auc") if "probe" in r else "-")
                 lines.append(f"| {r['model']} | {r['pretrain_jets']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    pre_runs = pretraining_rows(rows)
+    if pre_runs:
+        lines += ["## Pretraining runs", "", "The SSL validation loss has flattened when it moves "
+                  "by less than 1% over the last quarter of the steps.", "",
+                  "| model | pretraining jets | steps | final SSL val loss | last-quarter change |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {p['model']} | {p['pretrain_jets']} | {p['steps']} | {p['val_loss']:.4g} | "
+                  f"{100 * p['change']:.2f}% |" for p in pre_runs]
         lines.append("")
     lines += ["## Where pretraining beats scratch in AUC (Holm-corrected p < 0.05), and where not",
               ""]

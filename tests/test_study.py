@@ -52,6 +52,19 @@ def test_paired_statistics_match_scipy():
     assert math.isnan(study.paired({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5})["p"])  # no spread
 
 
+def test_ssl_flattening(tmp_path):
+    log = tmp_path / "mpm.jsonl"
+    lines = [dict(step=s, val=dict(loss=v)) for s, v in ((25, 3.0), (50, 2.2), (75, 2.02),
+                                                          (100, 2.0))]
+    log.write_text("\n".join(json.dumps(x) for x in [dict(config=1)] + lines) + "\n")
+    curve = study.ssl_curve(log)
+    assert curve == [(25, 3.0), (50, 2.2), (75, 2.02), (100, 2.0)]
+    assert study.flattening(curve) == pytest.approx(0.01)          # (2.02 - 2.0) / 2.0
+    log.write_text(json.dumps(dict(step=8, val_loss=1.5)) + "\n")  # jetclr's, jjepa's key
+    assert study.ssl_curve(log) == [(8, 1.5)]
+    assert math.isnan(study.flattening([(10, 1.0)]))
+
+
 def test_holm():
     adjusted = study.holm([0.01, 0.04, 0.03, 0.005])
     assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])  # 3p, max(2p, 3p'), 1p -> 0.06, 4p
