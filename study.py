@@ -44,12 +44,19 @@ Tagging window with MPI and another seed for fine-tuning (20k train, 2k val, 10k
   timeout 90m python study.py --methods jjepa,jetclr,mpm,diffmae --pretrain-data pythia \
       --pretrain-dir data/study/pre --finetune-data pythia --finetune-dir data/study/ft \
       --pretrain-jets 10000,50000 --pretrain-steps 2000 --labels 100,1000,10000 --seeds 5 \
-      --cheap-seeds 10 --finetune-min-steps 500 --n-val 2000 --n-eval 10000 --device cpu \
-      --out out/study_cpu
-Rerun the last line until it writes study.md: each run is one part of at most 90 minutes, and
-a part cut short loses only its running cell. 8 pretraining runs of 2,000 steps; then 12
-fine-tuning cells per label count (4 scratch, 8 pretrained) with 10, 10 and 5 seeds of 500,
-500 and 800 steps, and as many probe cells (frozen encoder: no backward pass).
+      --cheap-seeds 10 --finetune-epochs 5 --finetune-min-steps 400 --batch-size 128 \
+      --n-val 2000 --n-eval 10000 --device cpu --out out/study_cpu \
+      --method-args jjepa="--dim 32 --depth 2 --n-max 64" \
+      --method-args jetclr="--dim 32 --depth 2 --n-max 64" \
+      --method-args mpm="--dim 32 --depth 2 --dec-dim 32 --k 128 --kmeans-jets 4000 --n-max 64" \
+      --method-args diffmae="--size tiny --n-max 64" --finetune-args "--n-max 64"
+Rerun the last command until it writes study.md: each run is one part of at most 90 minutes,
+and a part cut short loses only its running cell. 8 pretraining runs of 2,000 steps; then 12
+fine-tuning cells per label count (4 scratch, 8 pretrained) with 10, 10 and 5 seeds of 400
+steps each (about 20 validations on 2,000 jets), and as many probe cells (no backward pass):
+about 16,000 pretraining and 120,000 fine-tuning steps. At the ~0.3 s per step (validation
+included) of the earlier CPU study's small models, that is about 12 hours, some 8 parts; time
+the first part and add --no-probe (about a fifth less) if it must be shorter.
 GPU (the real study; see the README for the run time):
   python study.py --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass --finetune-data \
       toptagging --pretrain-jets 1000000,10000000 --labels 100,1000,10000,all --seeds 5 \
