@@ -1523,12 +1523,17 @@ def trim_batch(valid, *tensors, multiple=16):
 
 
 # --- metrics ----------------------------------------------------------------------
+SIC_MIN_BKG = 10  # background jets that must pass a threshold for it to count in sic
+
+
 def _binary_roc(y, s):
-    """y (N,) bool signal, s (N,) score (higher = more signal-like) -> auc, rej50, rej30.
-    Ties are one ROC point (the straight segment = random tie breaking); AUC from average ranks."""
+    """y (N,) bool signal, s (N,) score (higher = more signal-like) -> auc, rej50, rej30, sic.
+    Ties are one ROC point (the straight segment = random tie breaking); AUC from average ranks.
+    sic: the best significance improvement, max of eps_S / sqrt(eps_B) over the thresholds that
+    at least SIC_MIN_BKG background jets pass (fewer would let a handful of jets set it)."""
     n_s, n_b = int(y.sum()), int((~y).sum())
     if n_s == 0 or n_b == 0:
-        return dict(auc=float("nan"), rej50=float("nan"), rej30=float("nan"))
+        return dict(auc=float("nan"), rej50=float("nan"), rej30=float("nan"), sic=float("nan"))
     uniq, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
     rank = (np.cumsum(counts) - (counts - 1) / 2.0)[inv]        # 1-based average ranks
     auc = (rank[y].sum() - n_s * (n_s + 1) / 2.0) / (n_s * n_b)
@@ -1548,17 +1553,21 @@ def _binary_roc(y, s):
             t = (target - eff_s[k - 1]) / (eff_s[k] - eff_s[k - 1])
             eb = eff_b[k - 1] + t * (eff_b[k] - eff_b[k - 1])
         out[key] = float("inf") if eb == 0 else float(1.0 / eb)
+    counted = np.cumsum(bkg) >= SIC_MIN_BKG
+    out["sic"] = float(np.max(eff_s[1:][counted] / np.sqrt(eff_b[1:][counted]))) \
+        if counted.any() else float("nan")
     return out
 
 
 def roc_metrics(y, score):
     """y (N,) int labels; score (N,) = P(signal), or (N, C) class probabilities (softmax).
-    Binary (1-D score or C = 2): dict(acc, auc, rej50, rej30), rej = 1/eps_B at eps_S = 0.5, 0.3
-    interpolated linearly on the ROC curve; rej is float("inf") when no background passes at
-    that signal efficiency, nan when a class is missing. A 1-D score counts as signal above 0.5.
-    Multi-class: acc = argmax accuracy, per_class = {c: dict(auc, rej50, rej30)} for each class
+    Binary (1-D score or C = 2): dict(acc, auc, rej50, rej30, sic), rej = 1/eps_B at eps_S = 0.5,
+    0.3 interpolated linearly on the ROC curve; rej is float("inf") when no background passes at
+    that signal efficiency, nan when a class is missing; sic = max eps_S / sqrt(eps_B) over the
+    thresholds that >= SIC_MIN_BKG background jets pass (nan when fewer exist). A 1-D score counts as signal above 0.5.
+    Multi-class: acc = argmax accuracy, per_class = {c: dict(auc, rej50, rej30, sic)} for class
     c >= 1 against QCD (class 0) with the discriminant P_c / (P_c + P_0) on jets of classes c
-    and 0 (as ParT), and auc, rej50, rej30 = macro means over those classes."""
+    and 0 (as ParT), and auc, rej50, rej30, sic = macro means over those classes."""
     y, score = np.asarray(y).astype(np.int64), np.asarray(score, dtype=np.float64)
     if score.ndim == 1 or score.shape[1] == 2:
         if score.ndim == 1:
@@ -1573,7 +1582,7 @@ def roc_metrics(y, score):
         sel = (y == c) | (y == 0)
         s = score[sel, c] / np.maximum(score[sel, c] + score[sel, 0], 1e-30)
         out["per_class"][c] = _binary_roc(y[sel] == c, s)
-    for key in ("auc", "rej50", "rej30"):
+    for key in ("auc", "rej50", "rej30", "sic"):
         out[key] = float(np.mean([m[key] for m in out["per_class"].values()]))
     return out
 

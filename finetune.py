@@ -14,7 +14,12 @@ linear and mlp read the jet vector through a BatchNorm without affine parameters
 linear probe, arXiv 2111.06377): a pretrained encoder's vectors can share one large common
 direction (diffmae's pooled cosine is 0.995), and a head fed them raw needs far more than the 20
 steps of 10% labels to find the small differences, while the encoder's first updates move them.
-Scratch encoders get the same head.
+Its evaluation statistics are recomputed before every validation and the test ("precise BN"):
+the biased mean and variance of up to PRECISE_BN_JETS training jets' vectors, encoder in eval
+mode. Running averages lagged the encoder: after 3 steps they shifted every logit alike, and
+accuracy fell to 0.5 while AUC held. Scratch encoders get the same head.
+--backbone-lr-scale s gives the backbone s x the head's lr (both arms alike), under either
+schedule.
 --task cwola trains on two mixed samples labelled only by sample (pure QCD vs QCD plus a
 fraction --signal-frac of signal; CWoLa, arXiv 1708.02949) and is scored on the true labels.
 
@@ -30,9 +35,16 @@ Data (every split goes through common.JetStream; no split is ever held whole):
   selection), clustered in the loader workers: the other jets weigh 0 in the loss and are left
   out of every metric and of test_repr.npz (what they hold cannot change a number: no jet sees
   another in the encoder or the head). --n-labels counts jets before the selection.
-The step (each epoch, or every --eval-every steps) is chosen on validation; the test split only
-gives the reported numbers: accuracy, AUC and background rejection 1/eps_B at eps_S = 0.5 and
-0.3 (multi-class: accuracy and one-vs-QCD AUCs), mean +- std over --seeds runs.
+Budget by steps (issue 19): max(--epochs x steps per epoch, --min-steps) optimizer steps, so
+100 labels train as long as 1,000 (--steps N: exactly N); the printed line "seed S: N optimizer
+steps" says how many. In-memory labels make equal batches that use every labelled jet once per
+epoch: the last batch is filled with jets drawn once per seed (streamed labels drop the last
+partial batch of each epoch). About 20 validations per run (or every --eval-every steps); the
+test uses the weights of the best validation (AUC; accuracy for multi-class), and only gives
+the reported numbers: accuracy, AUC, background rejection 1/eps_B at eps_S = 0.5 and 0.3 and
+sic, the best eps_S/sqrt(eps_B) over thresholds that >= 10 background jets pass (multi-class:
+one-vs-QCD means), mean +- std over --seeds runs. A run "converged" when its best validation
+came before the last quarter of its steps.
 
 Writes, under <out>/<name>/: log.jsonl (one line per validation), roc.png (every seed),
 test_repr.npz (z: the encoder's jet vectors (N, C) of the first N_REPR selected test jets, first
@@ -41,13 +53,13 @@ seed, the chosen weights; y: their labels) and, last, results.json:
   asked for), labels ("memory": a subset per seed | "stream": the same for every seed), n_train
   (training jets per epoch), n_val, n_test (jets scored, after --min-subjets), steps, warmup,
   seeds, args, git, versions;
-  per_seed: [{acc, auc, rej50, rej30 (multi-class also auc_<class>, rej50_<class>, ...)}],
+  per_seed: [{acc, auc, rej50, rej30, sic (multi-class also auc_<class>, rej50_<class>, ...)}],
   mean / std: the same keys over seeds; a value that is infinite or undefined on the test set
   (1/eps_B when no background jet passes, the std beside it) is null;
   history: per seed, [{epoch, step, val_acc, val_auc, train_loss}] one per validation (epoch =
   steps / steps per epoch);
-  epochs_to_converge: per seed, the epoch of the first validation whose accuracy is within 1%
-  (relative) of the last validation's (the JetCLR scaling study's convergence measure).
+  steps_to_converge: per seed, the step of the best validation (the weights tested);
+  converged: per seed, whether that step came before the last quarter of the run.
 A loss that goes NaN/inf stops the run (naming the step and the batch's file) with a non-zero
 exit, and nothing is written.
 
@@ -56,7 +68,8 @@ exit, and nothing is written.
     python finetune.py --scratch --size part --mode finetune --data toptagging --seeds 3
     python finetune.py --ckpt out/jjepa.pt --min-subjets 10 --head mean
     python finetune.py --ckpt out/mpm.pt --task cwola --signal-frac 0.05 --n-labels 20000
-Tiny CPU run: python finetune.py --scratch --mode finetune --n-jets 1000 --epochs 2 --device cpu
+Tiny CPU run: python finetune.py --scratch --mode finetune --n-jets 1000 --min-steps 20 \
+    --device cpu
 """
 import argparse
 import copy
@@ -83,8 +96,10 @@ import mpm
 # encoder_inputs(batch, cfg) and batch_transform(cfg); the shared encoder's pair is in common
 METHODS = {"jjepa": jjepa, "jetclr": jetclr, "mpm": mpm, "diffmae": diffmae}
 SHARED = ("part", "scratch", "supervised")
+KIN_ONLY = ("toptagging",)  # data without particle ID and impact parameters: "full" is refused
 MAX_IN_MEMORY = 20_000  # labelled jets held in memory (~115 MB at --n-max 128, "kin"); more stream
 N_REPR = 5000           # test jets whose encoder vectors go to test_repr.npz
+PRECISE_BN_JETS = 4096  # training jets whose vectors set the head's BatchNorm statistics
 
 # --- config -----------------------------------------------------------------------------------
 
@@ -130,6 +145,19 @@ def get_args(argv=None):
     g.add_argument("--ramp-steps", type=common.nonneg_int, default=100,
                    help="frozen-then-unfrozen: steps over which the backbone lr ramps from 1e-8 "
                         "to the head's")
+    g.add_argument("--backbone-lr-scale", type=common.unit, default=1.0,
+                   help="finetune: the backbone's lr is this fraction of the head's, under either "
+                        "--schedule (a pretrained backbone is not wiped out by the first "
+                        "gradients of a random head); scratch runs get the same")
+    g.add_argument("--min-steps", type=common.nonneg_int, default=500,
+                   help="at least this many optimizer steps (steps = max(--epochs x steps per "
+                        "epoch, --min-steps)), so that 100 labels train as long as 1,000")
+    g.add_argument("--eval-every", type=common.nonneg_int, default=0,
+                   help="validate every this many steps (0: about 20 times per run); the test "
+                        "uses the weights of the best validation")
+    g.add_argument("--n-val", type=common.positive_int, default=None,
+                   help="validation jets (None: --n-eval); they are scored about 20 times per "
+                        "run, the test jets once")
     g.add_argument("--task", choices=["supervised", "cwola"], default="supervised",
                    help="cwola: learn from two mixed samples labelled by sample only")
     g.add_argument("--signal-frac", type=common.unit, default=None,
@@ -140,7 +168,7 @@ def get_args(argv=None):
                         "their --n-max particles (J-JEPA evaluates on >= 10); 0: every jet")
     g.add_argument("--name", default=None,
                    help="results folder under --out (None: built from method, mode, head, labels)")
-    common.add_common_args(p, skip=("resume",))
+    common.add_common_args(p, skip=("resume", "eval-every"))
     p.set_defaults(epochs=20, batch_size=256, lr=1e-3, weight_decay=0.01, log_every=50)
     args = p.parse_args(argv)
     if args.ckpt is None and not args.scratch:
@@ -195,8 +223,8 @@ class Classifier(nn.Module):
         super().__init__()
         self.encoder, self.kind, self.n_tokens = encoder, head, n_tokens
         # linear / mlp: the jet vector is batch-normalised first, without affine parameters; the
-        # statistics used at evaluation follow the encoder as it trains (mostly the last 2 batches)
-        norm = nn.BatchNorm1d(dim_jet, affine=False, momentum=0.5)
+        # statistics used at evaluation are set by precise_bn before every evaluation
+        norm = nn.BatchNorm1d(dim_jet, affine=False)
         if head == "linear":
             self.head = nn.Sequential(norm, nn.Linear(dim_jet, n_classes))
         elif head == "mlp":
@@ -245,15 +273,17 @@ def set_frozen(encoder, frozen):
 
 
 def backbone_lr(step, head_lr, args):
-    """MPM v2's schedule: 0 while frozen, then from 1e-8 linearly up to the head's lr."""
+    """--backbone-lr-scale x the head's lr; frozen-then-unfrozen (MPM v2): 0 while frozen, then
+    from 1e-8 linearly up to that."""
     if args.mode == "probe":
         return 0.0
+    top = args.backbone_lr_scale * head_lr
     if args.schedule == "constant":
-        return head_lr
+        return top
     if step < args.freeze_steps:
         return 0.0
     ramp = min(1.0, (step - args.freeze_steps) / max(1, args.ramp_steps))
-    return 1e-8 + ramp * (head_lr - 1e-8)
+    return 1e-8 + ramp * (top - 1e-8)
 
 
 def selected_loss(logits, label, keep, smoothing):
@@ -262,10 +292,34 @@ def selected_loss(logits, label, keep, smoothing):
     return (ce * keep).sum() / keep.sum().clamp(min=1)
 
 
-def epochs_to_converge(history, tol=0.01):
-    """Epoch of the first validation whose accuracy is within tol (relative) of the last one's."""
-    final = history[-1]["val_acc"]
-    return next(h["epoch"] for h in history if abs(h["val_acc"] - final) <= tol * abs(final))
+def converged(best_step, total):
+    """Issue 19's rule: a run converged when its best validation came before the last quarter
+    of its steps; later, more steps might still have helped."""
+    return best_step <= 0.75 * total
+
+
+@torch.no_grad()
+def precise_bn(raw_model, stream, s, inputs):
+    """Set the linear/mlp head's BatchNorm statistics to the biased mean and variance of the
+    training jets' vectors under the encoder as it is now, in eval mode ("precise BN").
+    Running averages would lag the encoder: after 3 steps from mean 0 and variance 1 they hold
+    an offset that shifts every logit alike, and accuracy collapses while AUC holds."""
+    if raw_model.kind not in ("linear", "mlp"):
+        return
+    training = raw_model.training
+    raw_model.eval()
+    zs = []
+    for batch in common.loader(stream, s.device):
+        with s.ctx:
+            jet = raw_model.encoder(**inputs(batch))[2]
+        zs.append(jet.double()[batch["keep"]])
+    raw_model.train(training)
+    z = torch.cat(zs)                                                        # (N, C)
+    if len(z) == 0:  # --min-subjets left no training jet of this pass: keep what it has
+        return
+    norm = raw_model.head[0]
+    norm.running_mean.copy_(z.mean(0))
+    norm.running_var.copy_(z.var(0, unbiased=False))
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -304,6 +358,10 @@ def load_spec(args):
             raise SystemExit(f"--features {features} gives {len(common.FEATURE_NAMES[features])} "
                              f"inputs but {args.ckpt} was trained on {cfg['in_dim']}")
         state = None if args.scratch else ckpt["encoder"]
+    if features != "kin" and args.data in KIN_ONLY:
+        raise SystemExit(f"{args.ckpt or '--scratch'}: uses --features {features}, but --data "
+                         f"{args.data} has no particle ID or impact parameters; pretrain (or "
+                         "run) with --features kin")
     if method not in SHARED and method not in METHODS:
         raise SystemExit(f"{args.ckpt}: method {method!r} is not one finetune.py knows "
                          f"({', '.join(sorted(METHODS))}, or the shared encoder)")
@@ -357,21 +415,25 @@ def open_data(args, spec, splits=None):
         data["pool"] = (splits["train"][:pool] if splits is not None else common.load_jets(
             args.data, args.data_dir, "train", pool, args.n_max, spec["features"]))
     eval_kw = dict(n_jets=args.n_eval, shuffle=False, drop_last=False)
+    n_val = args.n_val or args.n_eval
     if args.task == "cwola":  # the mixed validation sample is made per seed from this pool
-        cap = min(args.n_eval or MAX_IN_MEMORY, MAX_IN_MEMORY)
+        cap = min(n_val or MAX_IN_MEMORY, MAX_IN_MEMORY)
         data["val_pool"] = (splits["val"][:cap] if splits is not None else common.load_jets(
             args.data, args.data_dir, "val", cap, args.n_max, spec["features"]))
     else:
-        data["val"] = make_stream(args, spec, source("val"), "val", **eval_kw)
+        data["val"] = make_stream(args, spec, source("val"), "val", **dict(eval_kw, n_jets=n_val))
     data["test"] = make_stream(args, spec, source("test"), "test", **eval_kw)
     return data
 
 
 def seed_streams(args, spec, data, seed):
-    """This seed's labelled training stream and its validation stream (CWoLa: mixed per seed)."""
+    """This seed's labelled training stream, its validation stream (CWoLa: mixed per seed) and
+    the stream of training jets that precise_bn reads (in order, at most PRECISE_BN_JETS)."""
     if data["pool"] is None:  # a large label set streams: the files' first jets, every seed
-        return make_stream(args, spec, args.data, "train", n_jets=data["n_labels"], seed=seed), \
-            data["val"]
+        stats = make_stream(args, spec, args.data, "train", shuffle=False, drop_last=False,
+                            n_jets=min(data["n_labels"], PRECISE_BN_JETS))
+        train = make_stream(args, spec, args.data, "train", n_jets=data["n_labels"], seed=seed)
+        return train, data["val"], stats, train.n
     rng = np.random.default_rng(common.seed_of(seed, "labels"))
     y = np.searchsorted(data["classes"], np.asarray(data["pool"].y))
     idx = label_subset(y, data["n_labels"], rng)
@@ -390,9 +452,17 @@ def seed_streams(args, spec, data, seed):
         raise SystemExit(f"the training jets read for the labels ({len(y)}) hold no "
                          f"{', '.join(lack)} jet: raise --n-jets (now {args.n_jets}, spread over "
                          "the class files) or remove those classes' files from --data-dir")
+    stats_idx = rng.permutation(len(idx))[:PRECISE_BN_JETS]  # every class, not the pool's first
+    stats = make_stream(args, spec, data["pool"][idx[stats_idx]], shuffle=False, drop_last=False,
+                        extra={"label": labels[stats_idx]})
+    # equal batches that use every labelled jet each epoch: the last batch is filled up with
+    # jets drawn once per seed (the same < batch-size jets are seen twice in every epoch)
+    batch_size = min(args.batch_size, len(idx))  # 100 labels still make a step
+    fill = rng.choice(len(idx), size=-len(idx) % batch_size, replace=False)
+    idx, labels = np.concatenate([idx, idx[fill]]), np.concatenate([labels, labels[fill]])
     train = make_stream(args, spec, data["pool"][idx], seed=seed, extra={"label": labels},
-                        batch_size=min(args.batch_size, len(idx)))  # 100 labels still make a step
-    return train, val
+                        batch_size=batch_size)
+    return train, val, stats, len(idx) - len(fill)
 
 
 # --- one run ----------------------------------------------------------------------------------
@@ -434,7 +504,7 @@ def selection_score(metrics, n_classes):
 def run_seed(args, s, seed, spec, data, log, n_repr=0):
     """Train one head (+ encoder) with this seed. Returns dict(metrics, probs, labels, z,
     history, n_train, n_val, model): the test metrics of the weights chosen on validation."""
-    train, val = seed_streams(args, spec, data, seed)
+    train, val, stats, n_train = seed_streams(args, spec, data, seed)
     inputs = lambda batch: spec["module"].encoder_inputs(batch, spec["cfg"])
     torch.manual_seed(common.seed_of(seed, "init"))
     encoder = spec["module"].build_encoder(spec["cfg"])
@@ -453,15 +523,17 @@ def run_seed(args, s, seed, spec, data, log, n_repr=0):
                                            device_type=s.device_type)
 
     per_epoch = len(train)
-    total = args.steps or args.epochs * per_epoch
+    total = args.steps or max(args.epochs * per_epoch, args.min_steps)
+    every = args.eval_every or math.ceil(total / 20)
     warmup = common.warmup_steps(args.warmup, total)
     if args.schedule == "frozen-then-unfrozen" and args.freeze_steps >= total:
         warnings.warn(f"--freeze-steps {args.freeze_steps} >= the run's {total} steps: the "
                       "backbone never trains (a probe); lower --freeze-steps", stacklevel=2)
-    history, best, best_state, frozen = [], -np.inf, None, None  # frozen: set by the first step
+    history, best, best_state, best_step = [], -np.inf, None, 0
+    frozen = None  # set by the first step
     bar = common.progress_bar(total, train.batch_size, desc=f"seed {seed}")
     loss_sum, n_loss, t0 = 0.0, 0, time.time()
-    for step, _, batch in common.train_batches(train, s.device, args.epochs, steps=args.steps):
+    for step, _, batch in common.train_batches(train, s.device, args.epochs, steps=total):
         lr = common.lr_at(step, total, warmup, args.lr)
         b_lr = backbone_lr(step, lr, args)
         if frozen != (b_lr == 0.0):
@@ -490,15 +562,16 @@ def run_seed(args, s, seed, spec, data, log, n_repr=0):
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             bar.write(f"step {step}/{total}: loss {loss.item():.4f}, lr {lr:.2e}, "
                       f"dt {dt * 1000:.0f} ms")
-        # 3. validation: each epoch (or --eval-every steps) and at the end
+        # 3. validation: every `every` steps and at the end, with the head's statistics of now
         done = step + 1
-        if (args.eval_every and done % args.eval_every == 0) or \
-                (not args.eval_every and done % per_epoch == 0) or done == total:
+        if done % every == 0 or done == total:
+            precise_bn(raw_model, stats, s, inputs)
             probs, y, _ = predict(model, val, s, spec, split="validation")
             metrics = common.roc_metrics(y, probs)
             score = selection_score(metrics, spec["n_classes"])
             if score > best:
-                best, best_state = score, copy.deepcopy(raw_model.state_dict())
+                best, best_step = score, done
+                best_state = copy.deepcopy(raw_model.state_dict())
             point = dict(epoch=round(done / per_epoch, 4), step=done, val_acc=metrics["acc"],
                          val_auc=metrics["auc"], train_loss=loss_sum / n_loss)
             history.append(point)
@@ -508,11 +581,16 @@ def run_seed(args, s, seed, spec, data, log, n_repr=0):
                       f"val auc {metrics['auc']:.4f} ({len(y)} jets)")
             loss_sum, n_loss, t0 = 0.0, 0, time.time()  # evaluation is no step's dt
     bar.close()
+    ok = converged(best_step, total)
+    late = "" if ok else ", in the last quarter: not converged"
+    print(f"seed {seed}: {total} optimizer steps ({per_epoch} per epoch of {n_train} jets), best "
+          f"validation at step {best_step}{late}")
     raw_model.load_state_dict(best_state)
+    precise_bn(raw_model, stats, s, inputs)
     probs, labels, z = predict(model, data["test"], s, spec, n_repr)
     return dict(metrics=common.roc_metrics(labels, probs), probs=probs, labels=labels, z=z,
-                history=history, n_train=train.n, n_val=len(y), steps=total, warmup=warmup,
-                model=raw_model)
+                history=history, n_train=n_train, n_val=len(y), steps=total, warmup=warmup,
+                steps_to_converge=best_step, converged=ok, model=raw_model)
 
 
 def _scalars(metrics, names=None):
@@ -608,7 +686,8 @@ def main(args, splits=None):
         seeds=seeds, args=vars(args),
         mean=_finite(mean), std=_finite(std), per_seed=[_finite(r) for r in per_seed],
         history=[r["history"] for r in runs],
-        epochs_to_converge=[epochs_to_converge(r["history"]) for r in runs],
+        steps_to_converge=[r["steps_to_converge"] for r in runs],
+        converged=[r["converged"] for r in runs],
         git=common.git_hash(), versions=common.versions())
     with open(out / "test_repr.npz.tmp", "wb") as f:
         np.savez(f, z=runs[0]["z"], y=runs[0]["labels"][:len(runs[0]["z"])])

@@ -1,18 +1,28 @@
-"""study.py: the JetCLR scaling study (Zhao et al., arXiv 2408.09343) for every method, in one command.
+"""study.py: does pretraining help? The JetCLR scaling study (Zhao et al., arXiv 2408.09343) for
+every method, in one command, with a protocol that can tell (issue 19).
 
 For each method and each pretraining size N, pretrain on a class-balanced subset of N jets
-(`<method>.py --n-jets N`). Then fine-tune every checkpoint at every label count with --seeds
-seeds (finetune.py), next to the same architecture from random weights (finetune.py --scratch:
-one scratch row per architecture; methods build different encoders, so each method gets its
-own). Pretraining and fine-tuning may read different datasets: the transfer (JetClass -> Top
-Tagging) is the point. Everything lands under --out:
-  study.json         every cell: its command, results (mean, std, per seed) and convergence
-  study.md           one table per label count: model x pretraining size; accuracy, AUC,
-                     1/eps_B at eps_S = 0.5 and 0.3, epochs to converge (first validation within
-                     1% of the final accuracy), mean +- std over seeds; scratch first; differences
-                     from scratch beyond 2 sigma marked, and a plain list of where they are not
+(`<method>.py --n-jets N`, --pretrain-steps steps whatever N: the size axis measures data
+diversity, not compute). Then fine-tune every checkpoint at every label count (finetune.py),
+next to the same architecture from random weights (finetune.py --scratch: one scratch row per
+architecture). Both arms get the same step budget and settings, and each seed draws one label
+subset and one initial head that both arms share, so they are compared seed by seed. Every
+pair shares one pretraining run per method and size. With --probe (default) a linear probe of
+each frozen encoder, pretrained and random, says whether pretraining learned anything at all.
+Pretraining uses "kin" features unless both sides are JetClass (Top Tagging has no particle ID
+or impact parameters; methods without --features are kin-only), and J-JEPA the context frame.
+Everything lands under --out:
+  study.json         every cell: its command, results (per seed), paired differences, Holm p
+  study.md           per label count: mean +- std of accuracy, AUC, 1/eps_B at eps_S = 0.5 and
+                     0.3, max eps_S/sqrt(eps_B) (>= 10 background jets), steps to the best
+                     validation and the seeds that converged (best before the last quarter);
+                     then the paired gain over scratch with its 95% t interval, the paired
+                     t-test p and, for AUC, Holm's correction over the table's pretrained rows
+                     (marked where < 0.05), and the probe's gain over random weights; then the
+                     pretraining runs (final SSL validation loss, change over the last quarter)
+  gain.png           paired AUC gain over scratch against the number of labels, 95% intervals
   labels.png         1/eps_B(0.5) and accuracy against the number of labels (std bands)
-  pretrain_size.png  1/eps_B(0.5) and convergence epochs against the pretraining size
+  pretrain_size.png  1/eps_B(0.5) and steps to the best validation against the pretraining size
   tsne.png           t-SNE of fine-tuned test-jet vectors (smallest label count), scratch against
                      each method at its largest pretraining size
 A cell is one program run (a subprocess: its memory is freed when it ends and its output is a
@@ -24,6 +34,29 @@ redone from its start. A failing cell stops the study with one line naming the c
 cartesian product; diffmae's default is its mask-ratio x pred-ratio grid), each pretrained and
 scored by finetune.py (--finetune-mode probe by default), with the same tables and plots.
 
+CPU study (issue 19 item 6; 2 cores). Data: ten-class jets without MPI for pretraining (50k
+training jets; the 10k set is a class-balanced subset of them), and top vs QCD in the Top
+Tagging window with MPI and another seed for fine-tuning (20k train, 2k val, 10k test):
+  python jetgen.py --out data/study/pre --preset jetclass --classes all --jets-per-class 6250 \
+      --split 0.8,0.1,0.1 --seed 101 --workers 2
+  python jetgen.py --out data/study/ft --preset toptagging --classes QCD,Tbqq --mpi \
+      --jets-per-class 16000 --split 0.625,0.0625,0.3125 --seed 202 --workers 2
+  timeout 90m python study.py --methods jjepa,jetclr,mpm,diffmae --pretrain-data pythia \
+      --pretrain-dir data/study/pre --finetune-data pythia --finetune-dir data/study/ft \
+      --pretrain-jets 10000,50000 --pretrain-steps 2000 --labels 100,1000,10000 --seeds 5 \
+      --cheap-seeds 10 --finetune-epochs 5 --finetune-min-steps 400 --batch-size 128 \
+      --n-val 2000 --n-eval 10000 --device cpu --out out/study_cpu \
+      --method-args jjepa="--dim 32 --depth 2 --n-max 64" \
+      --method-args jetclr="--dim 32 --depth 2 --n-max 64" \
+      --method-args mpm="--dim 32 --depth 2 --dec-dim 32 --k 128 --kmeans-jets 4000 --n-max 64" \
+      --method-args diffmae="--size tiny --n-max 64" --finetune-args "--n-max 64"
+Rerun the last command until it writes study.md: each run is one part of at most 90 minutes,
+and a part cut short loses only its running cell. 8 pretraining runs of 2,000 steps; then 12
+fine-tuning cells per label count (4 scratch, 8 pretrained) with 10, 10 and 5 seeds of 400
+steps each (about 20 validations on 2,000 jets), and as many probe cells (no backward pass):
+about 16,000 pretraining and 120,000 fine-tuning steps. At the ~0.3 s per step (validation
+included) of the earlier CPU study's small models, that is about 12 hours, some 8 parts; time
+the first part and add --no-probe (about a fifth less) if it must be shorter.
 GPU (the real study; see the README for the run time):
   python study.py --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass --finetune-data \
       toptagging --pretrain-jets 1000000,10000000 --labels 100,1000,10000,all --seeds 5 \
@@ -37,6 +70,7 @@ CPU smoke run (generated jets):
 """
 import argparse
 import contextlib
+import io
 import itertools
 import json
 import math
@@ -50,6 +84,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+import scipy.stats
 
 import common
 import diffmae
@@ -68,7 +103,12 @@ ENTRY = {"jjepa": (jjepa.get_args, jjepa.train), "jetclr": (jetclr.get_args, jet
 DEFAULT_SWEEPS = {"diffmae": ["mask-ratio=0.125,0.25,0.5,0.75", "pred-ratio=1tok,0.125,0.25,0.5,0.75"]}
 # (name, results key, higher is better) of the table's columns
 METRICS = [("acc", "acc", True), ("AUC", "auc", True), ("1/eps_B(0.5)", "rej50", True),
-           ("1/eps_B(0.3)", "rej30", True), ("epochs to converge", "epochs", False)]
+           ("1/eps_B(0.3)", "rej30", True), ("max eps_S/sqrt(eps_B)", "sic", True),
+           ("steps to best val", "steps", False)]
+CHEAP_LABELS = 1000  # label counts up to this are cheap to fine-tune: they get --cheap-seeds
+# flags a method's pretraining always gets (--method-args come later and override them):
+# J-JEPA's "jet" frame leaks the targets' pT fraction into the context (issue 19 item 6)
+METHOD_FLAGS = {"jjepa": ["--context-frame", "context"]}
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -101,13 +141,33 @@ def get_args(argv=None):
     g.add_argument("--n-eval", type=common.positive_int, default=None,
                    help="validation/test jets of every run, pretraining and fine-tuning (None: each "
                         "script's; >= 5000 resolves 1/eps_B at low labels)")
+    g.add_argument("--n-val", type=common.positive_int, default=2000,
+                   help="validation jets of every fine-tuning (scored ~20 times per run)")
+    g.add_argument("--pretrain-features", choices=["auto", "kin", "full"], default="auto",
+                   help="--features of the methods that have it (jjepa and jetclr are kin-only); "
+                        "auto: full only from JetClass to JetClass, else kin (Top Tagging and the "
+                        "generated top/QCD sets are compared on kinematics)")
     g = p.add_argument_group("training")
-    g.add_argument("--seeds", type=common.positive_int, default=5, help="fine-tuning seeds per cell (seed, seed+1, ...)")
+    g.add_argument("--seeds", type=common.positive_int, default=5,
+                   help="fine-tuning seeds per cell (seed, seed+1, ...): each seed's label subset "
+                        "and initial head are shared by the pretrained and scratch arms")
+    g.add_argument("--cheap-seeds", type=common.positive_int, default=10,
+                   help=f"seeds at label counts up to {CHEAP_LABELS} (at least --seeds)")
     g.add_argument("--seed", type=common.nonneg_int, default=0, help="seed of the pretraining and the first fine-tuning")
     g.add_argument("--steps", type=common.positive_int, default=None,
                    help="cap every pretraining and fine-tuning at this many optimizer steps (smoke runs)")
     g.add_argument("--pretrain-epochs", type=common.positive_int, default=None,
                    help="pretraining epochs (None: the script's)")
+    g.add_argument("--pretrain-steps", type=common.positive_int, default=None,
+                   help="pretraining optimizer steps of every size (a fixed budget: the size axis "
+                        "then measures data diversity, not compute); None: --pretrain-epochs")
+    g.add_argument("--finetune-min-steps", type=common.nonneg_int, default=None,
+                   help="finetune.py --min-steps, the same for both arms (None: finetune.py's)")
+    g.add_argument("--backbone-lr-scale", type=common.unit, default=None,
+                   help="finetune.py --backbone-lr-scale, both arms (None: finetune.py's)")
+    g.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="also a linear probe (finetune.py --mode probe --head linear) of every "
+                        "pretrained encoder and of its architecture with random weights")
     g.add_argument("--finetune-epochs", type=common.positive_int, default=None,
                    help="fine-tuning epochs (None: finetune.py's)")
     g.add_argument("--finetune-mode", choices=["finetune", "probe"], default=None,
@@ -231,30 +291,64 @@ def opt(flag, value):
     return [] if value is None else [flag, str(value)]
 
 
+def seeds_at(args, labels):
+    """Fine-tuning seeds at this label count: more where runs are cheap, since the paired test's
+    power grows with them."""
+    cheap = labels != "all" and labels <= CHEAP_LABELS
+    return max(args.seeds, args.cheap_seeds) if cheap else args.seeds
+
+
+def takes(method, *flags):
+    """Whether a method script accepts these flags (jjepa and jetclr have no --features)."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            ENTRY[method][0](list(flags))
+        except SystemExit:
+            return False
+    return True
+
+
+def features_of(args):
+    if args.pretrain_features != "auto":
+        return args.pretrain_features
+    both_jetclass = args.pretrain_data == args.finetune_data == "jetclass"
+    return "full" if both_jetclass else "kin"
+
+
 def pretrain_argv(args, variant, n):
     """Pretraining command of one method setting at N jets; OUTDIR is the cell's folder."""
+    method = variant["method"]
+    features = ["--features", features_of(args)]
+    steps = min(s for s in (args.steps, args.pretrain_steps, math.inf) if s)
     return (["--data", args.pretrain_data, *opt("--data-dir", args.pretrain_dir), "--n-jets", str(n),
              *opt("--n-eval", args.n_eval), *opt("--epochs", args.pretrain_epochs),
-             *opt("--steps", args.steps), *opt("--batch-size", args.batch_size),
+             *opt("--steps", None if steps == math.inf else steps),
+             *opt("--batch-size", args.batch_size),
              *opt("--workers", args.workers), "--device", args.device, "--seed", str(args.seed),
-             "--out", "OUTDIR", *variant["flags"], *args.extra.get(variant["method"], [])])
+             *(features if takes(method, *features) else []), *METHOD_FLAGS.get(method, []),
+             "--out", "OUTDIR", *variant["flags"], *args.extra.get(method, [])])
 
 
-def finetune_argv(args, name, ckpt, labels, scratch):
-    """Fine-tuning command; finetune.py writes <out>/<name>/, so out = the cell's parent folder."""
-    return (["--ckpt", str(ckpt), *(["--scratch"] if scratch else []), "--mode", args.finetune_mode,
+def finetune_argv(args, name, ckpt, labels, scratch, probe=False):
+    """Fine-tuning command; finetune.py writes <out>/<name>/, so out = the cell's parent folder.
+    probe: the linear probe of the encoder (frozen), with the same budget and seeds."""
+    mode = "probe" if probe else args.finetune_mode
+    return (["--ckpt", str(ckpt), *(["--scratch"] if scratch else []), "--mode", mode,
              "--data", args.finetune_data, *opt("--data-dir", args.finetune_dir),
              *([] if labels == "all" else ["--n-labels", str(labels)]),
-             "--seeds", str(args.seeds), "--seed", str(args.seed), *opt("--epochs", args.finetune_epochs),
+             "--seeds", str(seeds_at(args, labels)), "--seed", str(args.seed),
+             *opt("--epochs", args.finetune_epochs), *opt("--min-steps", args.finetune_min_steps),
+             *opt("--backbone-lr-scale", args.backbone_lr_scale),
              *opt("--steps", args.steps), *opt("--batch-size", args.batch_size),
-             *opt("--n-eval", args.n_eval), *opt("--workers", args.workers), "--device", args.device,
+             *opt("--n-eval", args.n_eval), *opt("--n-val", args.n_val),
+             *opt("--workers", args.workers), "--device", args.device,
              "--out", str(Path(args.out) / "finetune" / ".tmp"), "--name", name,
-             *shlex.split(args.finetune_args)])
+             *shlex.split(args.finetune_args), *(["--head", "linear"] if probe else [])])
 
 
-def finetune_cell(args, name, ckpt, labels, scratch):
-    return run_cell(args, "finetune", name, "finetune.py", finetune_argv(args, name, ckpt, labels, scratch),
-                    "results.json")
+def finetune_cell(args, name, ckpt, labels, scratch, probe=False):
+    return run_cell(args, "finetune", name, "finetune.py",
+                    finetune_argv(args, name, ckpt, labels, scratch, probe), "results.json")
 
 
 def architecture(ckpt):
@@ -288,17 +382,24 @@ def run_study(args):
         for s in scratch.values():
             cell = finetune_cell(args, f"{s['name']}_L{labels}", s["ckpt"], labels, scratch=True)
             rows.append(dict(model=s["name"], scratch=True, variants=s["variants"], pretrain_jets=0,
-                             labels=labels, cell=str(cell.relative_to(out))))
+                             labels=labels, ckpt=str(s["ckpt"]), cell=str(cell.relative_to(out))))
         for v in args.variants:
             base = next(s["name"] for s in scratch.values() if v["name"] in s["variants"])
             for n in args.sizes:
-                cell = finetune_cell(args, f"{v['name']}_n{n}_L{labels}", ckpts[v["name"], n], labels, False)
+                ckpt = ckpts[v["name"], n]
+                cell = finetune_cell(args, f"{v['name']}_n{n}_L{labels}", ckpt, labels, False)
                 rows.append(dict(model=v["name"], scratch=False, baseline=base, pretrain_jets=n,
-                                 labels=labels, setting=v.get("setting"), cell=str(cell.relative_to(out))))
+                                 labels=labels, setting=v.get("setting"), ckpt=str(ckpt),
+                                 cell=str(cell.relative_to(out))))
+        if args.probe:  # after the fine-tunings: the study's answer comes first
+            for r in (r for r in rows if r["labels"] == labels):
+                name = "probe_" + Path(r["cell"]).name   # scratch: the random-weights probe
+                cell = finetune_cell(args, name, r["ckpt"], labels, r["scratch"], probe=True)
+                r["probe_cell"] = str(cell.relative_to(out))
     return rows
 
 
-# --- measures: mean +- std, 2 sigma -------------------------------------------------------------
+# --- measures: mean +- std; paired differences, t intervals, Holm ------------------------------
 
 
 def aggregate(values):
@@ -312,31 +413,107 @@ def aggregate(values):
     return dict(mean=float(x.mean()), std=float(x.std(ddof=1)) if len(x) > 1 else math.nan, n=len(x))
 
 
-def compare(a, b, higher_is_better=True):
-    """+1 / -1 when a beats / trails b by more than 2 sigma of the difference of the means,
-    sigma = sqrt(s_a^2/n_a + s_b^2/n_b) (s: sample std over seeds); 0 otherwise or when a sigma
-    is unknown (one seed, infinite values)."""
-    d = a["mean"] - b["mean"]
-    sigma = math.sqrt(a["std"] ** 2 / max(a["n"], 1) + b["std"] ** 2 / max(b["n"], 1))
-    if not (math.isfinite(d) and math.isfinite(sigma)) or abs(d) <= 2 * sigma:
-        return 0
-    return int(np.sign(d)) * (1 if higher_is_better else -1)
+def paired(a, b):
+    """Paired difference a - b over the seeds both arms ran (dicts seed -> value; a seed whose
+    value is missing or infinite in either arm is left out): mean, its 95% interval from the t
+    distribution with n - 1 degrees of freedom, and the two-sided paired t-test p-value."""
+    seeds = [k for k in a if k in b and a[k] is not None and b[k] is not None
+             and math.isfinite(a[k]) and math.isfinite(b[k])]
+    x, y = np.array([a[k] for k in seeds], float), np.array([b[k] for k in seeds], float)
+    d = x - y
+    out = dict(mean=float(d.mean()) if len(d) else math.nan, lo=math.nan, hi=math.nan,
+               p=math.nan, n=len(d))
+    if len(d) < 2:
+        return out
+    half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    # every difference equal: no spread to test against (scipy says nan)
+    p = float(scipy.stats.ttest_rel(x, y).pvalue) if d.std() > 0 else math.nan
+    return dict(out, lo=float(d.mean() - half), hi=float(d.mean() + half), p=p)
+
+
+def holm(pvalues):
+    """Holm's step-down adjusted p-values of one family, in the given order; nan stays nan and
+    is not counted in the family. Reject at level a where the adjusted value is below a."""
+    p = np.asarray(pvalues, float)
+    ok = np.flatnonzero(~np.isnan(p))
+    out = np.full(len(p), math.nan)
+    order = ok[np.argsort(p[ok], kind="stable")]
+    m, running = len(order), 0.0
+    for i, k in enumerate(order):
+        running = max(running, min(1.0, (m - i) * p[k]))
+        out[k] = running
+    return out.tolist()
+
+
+def by_seed(per_seed, seeds, key):
+    return {s: r.get(key) for s, r in zip(seeds, per_seed)}
 
 
 def summarize(out, rows):
-    """Fill each row with its seeds' metrics (results.json's `per_seed`, `history` and
-    `epochs_to_converge`, as finetune.py defines it) and their aggregates."""
+    """Fill each row with its seeds' metrics (results.json's `per_seed`, `steps_to_converge`,
+    `converged`, `history`) and their aggregates; each pretrained row with its paired
+    differences from its scratch row (`vs_scratch`), its probe's from the random-weights probe
+    (`probe`), and the Holm-adjusted p of its AUC (one family per label count)."""
     for r in rows:
         res = json.loads((Path(out) / r["cell"] / "results.json").read_text())
-        per_seed = [dict(s, epochs=e) for s, e in zip(res["per_seed"], res["epochs_to_converge"])]
+        per_seed = [dict(s, steps=t) for s, t in zip(res["per_seed"], res["steps_to_converge"])]
         r.update(n_train=res.get("n_train"), n_test=res.get("n_test"), per_seed=per_seed,
-                 history=res["history"],
+                 seeds=res["seeds"], history=res["history"], converged=res["converged"],
                  stats={k: aggregate([s.get(k) for s in per_seed]) for _, k, _ in METRICS})
+        if r.get("probe_cell"):
+            probe = json.loads((Path(out) / r["probe_cell"] / "results.json").read_text())
+            r["probe_auc"] = by_seed(probe["per_seed"], probe["seeds"], "auc")
     for r in rows:
         if not r["scratch"]:
             base = scratch_of(rows, r)
-            r["vs_scratch"] = {k: compare(r["stats"][k], base["stats"][k], hi) for _, k, hi in METRICS}
+            r["vs_scratch"] = {k: paired(by_seed(r["per_seed"], r["seeds"], k),
+                                         by_seed(base["per_seed"], base["seeds"], k))
+                               for _, k, _ in METRICS}
+            if "probe_auc" in r:
+                r["probe"] = paired(r["probe_auc"], base["probe_auc"])
+    for labels in dict.fromkeys(r["labels"] for r in rows):
+        family = [r for r in rows if r["labels"] == labels and not r["scratch"]]
+        for r, p in zip(family, holm([r["vs_scratch"]["auc"]["p"] for r in family])):
+            r["holm_p"] = p
     return rows
+
+
+def ssl_curve(log_path):
+    """(step, SSL validation loss) points of a pretraining log (<method>.jsonl); the scripts
+    write the loss as val_loss or val.loss."""
+    points = {}
+    for line in Path(log_path).read_text().splitlines():
+        r = json.loads(line)
+        val = r.get("val") if isinstance(r.get("val"), dict) else {}
+        loss = r.get("val_loss", val.get("loss"))
+        if "step" in r and loss is not None:
+            points[r["step"]] = loss
+    return sorted(points.items())
+
+
+def flattening(curve):
+    """Relative change of the validation loss over the last quarter of the run: |L_end - L_q| /
+    |L_end|, L_q at the first evaluation at or after 3/4 of the steps (nan if that is the end)."""
+    if not curve:
+        return math.nan
+    end_step, end = curve[-1]
+    start = next(v for s, v in curve if s >= 0.75 * end_step)
+    late = [s for s, _ in curve if s >= 0.75 * end_step]
+    return abs(end - start) / abs(end) if len(late) > 1 and end else math.nan
+
+
+def pretraining_rows(rows):
+    """One line per pretraining run: steps, final SSL validation loss, last-quarter change."""
+    out = []
+    for r in rows:
+        log = Path(r["ckpt"]).with_suffix(".jsonl")
+        if r["scratch"] or r["labels"] != rows[0]["labels"] or not log.exists():
+            continue
+        curve = ssl_curve(log)
+        out.append(dict(model=r["model"], pretrain_jets=r["pretrain_jets"],
+                        steps=curve[-1][0] if curve else None,
+                        val_loss=curve[-1][1] if curve else None, change=flattening(curve)))
+    return out
 
 
 def scratch_of(rows, row):
@@ -351,7 +528,7 @@ def scratch_of(rows, row):
 def fmt(s, key):
     if s["n"] == 0:
         return "-"
-    digits = 4 if key in ("acc", "auc") else 1
+    digits = {"acc": 4, "auc": 4, "sic": 2, "steps": 0}.get(key, 1)
     std = "" if math.isnan(s["std"]) else f" ± {s['std']:.{digits}f}"
     return f"{s['mean']:.{digits}f}{std}"
 
@@ -360,44 +537,99 @@ def label_text(labels):
     return "all labels" if labels == "all" else f"{labels} labels"
 
 
+def fmt_diff(d, key):
+    """Paired difference with its 95% interval: '+0.0031 [+0.0012, +0.0050]'."""
+    if d["n"] == 0 or math.isnan(d["mean"]):
+        return "-"
+    digits = {"acc": 4, "auc": 4, "sic": 2, "steps": 0}.get(key, 1)
+    if math.isnan(d["lo"]):
+        return f"{d['mean']:+.{digits}f}"
+    return f"{d['mean']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
+
+
+def fmt_p(p):
+    return "-" if p is None or math.isnan(p) else f"{p:.2g}"
+
+
+def verdict(r, level=0.05):
+    """Holm-corrected AUC verdict of a pretrained row: +1 better, -1 worse, 0 undecided."""
+    if not r["holm_p"] < level:  # nan (one seed, no spread) decides nothing
+        return 0
+    return 1 if r["vs_scratch"]["auc"]["mean"] > 0 else -1
+
+
 def write_markdown(args, rows, path):
     mark = {1: " ▲", -1: " ▼", 0: ""}
-    n_seeds = args.seeds
+    seeds = ", ".join(f"{seeds_at(args, n)} at {label_text(n)}" for n in args.label_counts)
     lines = [f"# Pretraining study: {args.pretrain_data} -> {args.finetune_data}", "",
              f"Pretrained on {args.pretrain_data} ({args.pretrain_dir or 'default folder'}), "
              f"fine-tuned (`--mode {args.finetune_mode}`) on {args.finetune_data} "
-             f"({args.finetune_dir or 'default folder'}); mean ± sample std over {n_seeds} seed(s). "
-             "Scratch = the same architecture from random weights (one row per architecture). "
-             "▲ / ▼: better / worse than that scratch row by more than 2 sigma of the difference of "
-             "the means (sigma² = s₁²/n₁ + s₂²/n₂). Epochs to converge (finetune.py's "
-             "`epochs_to_converge`): the first validation whose accuracy is within 1% (relative) of "
-             "the final validation accuracy; fewer is better.", ""]
+             f"({args.finetune_dir or 'default folder'}); seeds: {seeds}.", "",
+             "How to read this:",
+             "- Scratch is the same network as the pretrained one, started from random weights "
+             "(one row per architecture). It is trained with the same steps and settings.",
+             "- Each seed picks one set of labelled jets and one starting head, and both the "
+             "pretrained and the scratch network use them. So we compare the two seed by seed "
+             "(a paired comparison), which removes the luck of which jets were labelled.",
+             "- \"gain\" is the average over seeds of (pretrained minus scratch). The numbers in "
+             "brackets are a 95% interval for it: if the interval does not include 0, the gain is "
+             "unlikely to be chance for that one comparison.",
+             "- p is the chance of a gain at least this large in either direction if pretraining "
+             "did nothing (paired t-test). Because we make several comparisons per table, we "
+             "correct the AUC p-values of each table together (Holm's method): ▲ / ▼ mark a "
+             "pretrained row whose AUC is better / worse than scratch with corrected p below "
+             "0.05. Only AUC gets marks; the other columns show intervals only.",
+             "- The probe column asks whether pretraining learned anything at all, with no "
+             "fine-tuning: a linear classifier on the frozen pretrained encoder, minus the same "
+             "on the same network with random weights (AUC).",
+             "- steps to best val: the step whose validation AUC was best (those weights are "
+             "tested); \"converged\" counts the seeds whose best came before the last quarter "
+             "of the run (later, more steps might have helped).", ""]
     for labels in args.label_counts:
         sub = [r for r in rows if r["labels"] == labels]
         n_train = next((r["n_train"] for r in sub if r.get("n_train")), None)
-        lines += [f"## {label_text(labels)} ({n_train} training jets, {sub[0].get('n_test')} test jets)", "",
-                  "| model | pretraining jets | " + " | ".join(m for m, _, _ in METRICS) + " |",
-                  "|---|---:|" + "---:|" * len(METRICS)]
+        n_test = sub[0].get("n_test")
+        head = f"## {label_text(labels)} ({n_train} training jets, {n_test} test jets)"
+        lines += [head, "", "mean ± sample std over seeds", "",
+                  "| model | pretraining jets | " + " | ".join(m for m, _, _ in METRICS)
+                  + " | converged |", "|---|---:|" + "---:|" * (len(METRICS) + 1)]
         for r in sub:
-            cells = [fmt(r["stats"][k], k) + ("" if r["scratch"] else mark[r["vs_scratch"][k]])
-                     for _, k, _ in METRICS]
+            cells = [fmt(r["stats"][k], k) for _, k, _ in METRICS]
+            conv = f"{sum(r['converged'])}/{len(r['converged'])}"
             size = "-" if r["scratch"] else r["pretrain_jets"]
-            lines.append(f"| {r['model']} | {size} | " + " | ".join(cells) + " |")
+            lines.append(f"| {r['model']} | {size} | " + " | ".join(cells) + f" | {conv} |")
+        pre = [r for r in sub if not r["scratch"]]
+        if pre:
+            names = ["AUC gain", "p", "Holm p"] + [f"{m} gain" for m, k, _ in METRICS
+                                                   if k != "auc"] + ["probe AUC gain"]
+            lines += ["", "gain over scratch, paired by seed: mean [95% interval]", "",
+                      "| model | pretraining jets | " + " | ".join(names) + " |",
+                      "|---|---:|" + "---:|" * len(names)]
+            for r in pre:
+                d = r["vs_scratch"]
+                cells = [fmt_diff(d["auc"], "auc") + mark[verdict(r)], fmt_p(d["auc"]["p"]),
+                         fmt_p(r["holm_p"])]
+                cells += [fmt_diff(d[k], k) for _, k, _ in METRICS if k != "auc"]
+                cells.append(fmt_diff(r["probe"], "auc") if "probe" in r else "-")
+                lines.append(f"| {r['model']} | {r['pretrain_jets']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Where pretraining beats scratch, and where it does not", ""]
+    pre_runs = pretraining_rows(rows)
+    if pre_runs:
+        lines += ["## Pretraining runs", "", "The SSL validation loss has flattened when it moves "
+                  "by less than 1% over the last quarter of the steps.", "",
+                  "| model | pretraining jets | steps | final SSL val loss | last-quarter change |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {p['model']} | {p['pretrain_jets']} | {p['steps']} | {p['val_loss']:.4g} | "
+                  f"{100 * p['change']:.2f}% |" for p in pre_runs]
+        lines.append("")
+    lines += ["## Where pretraining beats scratch in AUC (Holm-corrected p < 0.05), and where not",
+              ""]
     pre = [r for r in rows if not r["scratch"]]
-    for sign, word in ((1, "better"), (-1, "worse")):
-        hits = [f"{r['model']} n={r['pretrain_jets']} at {label_text(r['labels'])}: "
-                + ", ".join(m for m, k, _ in METRICS if r["vs_scratch"][k] == sign) for r in pre
-                if sign in r["vs_scratch"].values()]
-        lines.append(f"- {word} than scratch beyond 2 sigma: " + ("; ".join(hits) if hits else "nowhere"))
-    none = [f"{r['model']} n={r['pretrain_jets']} at {label_text(r['labels'])}" for r in pre
-            if not any(r["vs_scratch"].values())]
-    n_cmp = sum(len(r["vs_scratch"]) for r in pre)
-    n_win = sum(v == 1 for r in pre for v in r["vs_scratch"].values())
-    lines += [f"- no metric differs from scratch beyond 2 sigma: " + ("; ".join(none) if none else "none"),
-              f"- in all, pretraining wins {n_win} of {n_cmp} comparisons"
-              + (" (one seed: no sigma, nothing can be marked)" if n_seeds < 2 else ""), ""]
+    for sign, word in ((1, "better than scratch"), (-1, "worse than scratch"), (0, "undecided")):
+        hits = [f"{r['model']} n={r['pretrain_jets']} at {label_text(r['labels'])}" for r in pre
+                if verdict(r) == sign]
+        lines.append(f"- {word}: " + ("; ".join(hits) if hits else "none"))
+    lines.append("")
     if args.grid and len(args.variants[0]["setting"]) == 2:
         lines += grid_matrix(args, rows)
     path.write_text("\n".join(lines) + "\n")
@@ -466,16 +698,40 @@ def plot_sizes(args, rows, path):
         for i, model in enumerate(pre):
             sub = [r for r in rows if r["model"] == model and r["labels"] == labels]
             base = scratch_of(rows, sub[0])
-            for ax, key in zip(row, ("rej50", "epochs")):
+            for ax, key in zip(row, ("rej50", "steps")):
                 band(ax, [r["pretrain_jets"] for r in sub], [r["stats"] for r in sub], key, label=model,
                      color=f"C{i}")
                 if math.isfinite(base["stats"][key]["mean"]):
                     ax.axhline(base["stats"][key]["mean"], color=f"C{i}", ls=":", lw=1)
         row[0].set(xscale="log", ylabel="1/eps_B at eps_S = 0.5", title=label_text(labels))
-        row[1].set(xscale="log", ylabel="epochs to converge", title=f"{label_text(labels)} (dotted: scratch)")
+        row[1].set(xscale="log", ylabel="steps to best validation",
+                   title=f"{label_text(labels)} (dotted: scratch)")
     for ax in axes[-1]:
         ax.set_xlabel("pretraining jets")
     axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    save_fig(fig, path)
+    plt.close(fig)
+
+
+def plot_gain(args, rows, path):
+    """Paired AUC gain over scratch against the number of labels, with its 95% interval: one
+    line per model and pretraining size."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pre = list(dict.fromkeys((r["model"], r["pretrain_jets"]) for r in rows if not r["scratch"]))
+    for i, (model, n) in enumerate(pre):
+        sub = [r for r in rows if (r["model"], r["pretrain_jets"]) == (model, n)]
+        x = np.array([r["n_train"] for r in sub], float) * (1 + 0.03 * i)  # bars side by side
+        d = [r["vs_scratch"]["auc"] for r in sub]
+        mean = np.array([v["mean"] for v in d])
+        err = np.nan_to_num(np.array([[v["mean"] - v["lo"], v["hi"] - v["mean"]] for v in d]).T)
+        ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=f"C{i}",
+                    label=f"{model} ({n} pretraining jets)")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="labelled training jets",
+           ylabel="AUC gain over scratch (paired, 95% interval)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     save_fig(fig, path)
     plt.close(fig)
@@ -543,10 +799,11 @@ def report(args, rows):
     os.replace(tmp, out / "study.json")
     write_markdown(args, rows, out / "study.md")
     plot_labels(args, rows, out / "labels.png")
+    plot_gain(args, rows, out / "gain.png")
     if len(args.sizes) > 1:
         plot_sizes(args, rows, out / "pretrain_size.png")
     made = args.tsne_jets > 0 and plot_tsne(args, rows, out / "tsne.png")
-    print(f"wrote {out / 'study.json'}, {out / 'study.md'}, labels.png"
+    print(f"wrote {out / 'study.json'}, {out / 'study.md'}, labels.png, gain.png"
           + (", pretrain_size.png" if len(args.sizes) > 1 else "")
           + (", tsne.png" if made else " (no t-SNE: --tsne-jets 0, or a cell without test_repr.npz)"))
     return study

@@ -38,7 +38,8 @@ def get_args(argv):
 
 def flags(data_dir, out, *extra):
     return ["--data-dir", str(data_dir), "--out", str(out), "--n-max", "16", "--epochs", "2",
-            "--batch-size", "16", "--warmup", "2", "--device", "cpu", *map(str, extra)]
+            "--batch-size", "16", "--min-steps", "0", "--warmup", "2", "--device", "cpu",
+            *map(str, extra)]
 
 
 def encoder_state(model):
@@ -88,18 +89,22 @@ def test_main_writes_results_history_and_repr(tiny_pythia, tiny_ckpt, tmp_path, 
         assert saved["std"][key] == pytest.approx(np.std(vals))
     assert saved["n_labels"] == saved["n_train"] == 40              # half of 80 training jets
     assert saved["labels"] == "memory" and saved["n_test"] == 10 and saved["seeds"] == [0, 1]
-    assert saved["steps"] == 4 and saved["warmup"] == 2            # 40 jets / 16 = 2 steps x 2 ep
-    # history: one point per epoch, the same numbers as the log and the printed lines
+    # 40 jets + 8 repeated fill 3 equal batches of 16; 2 epochs; ~20 validations: every step
+    assert saved["steps"] == 6 and saved["warmup"] == 2
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 4                                           # 2 seeds x 2 epochs
+    assert len(log) == 12                                          # 2 seeds x 6 validations
     for k in range(2):
         hist = saved["history"][k]
-        assert [h["epoch"] for h in hist] == [1, 2] and [h["step"] for h in hist] == [2, 4]
+        assert [h["step"] for h in hist] == [1, 2, 3, 4, 5, 6]
+        assert [h["epoch"] for h in hist] == [round(s / 3, 4) for s in range(1, 7)]
         assert set(hist[0]) == {"epoch", "step", "val_acc", "val_auc", "train_loss"}
-        assert [h["val_acc"] for h in hist] == [r["val_acc"] for r in log[2 * k:2 * k + 2]]
-        assert saved["epochs_to_converge"][k] == finetune.epochs_to_converge(hist)
+        assert [h["val_acc"] for h in hist] == [r["val_acc"] for r in log[6 * k:6 * k + 6]]
+        best = max(hist, key=lambda h: h["val_auc"])                # the first of equal bests
+        assert saved["steps_to_converge"][k] == best["step"]
+        assert saved["converged"][k] == (best["step"] <= 4.5)
     printed = capsys.readouterr()
-    assert printed.out.count("val acc") + printed.err.count("val acc") == 4
+    assert printed.out.count("val acc") + printed.err.count("val acc") == 12
+    assert printed.out.count("6 optimizer steps") == 2
     # test_repr.npz: the encoder's jet vectors of the test jets (first seed), and their labels
     rep = np.load(run / "test_repr.npz")
     assert rep["z"].shape == (10, TINY["dim"]) and np.isfinite(rep["z"]).all()
@@ -110,13 +115,6 @@ def test_main_writes_results_history_and_repr(tiny_pythia, tiny_ckpt, tmp_path, 
     assert np.array_equal(np.load(run / "test_repr.npz")["z"], rep["z"])
 
 
-def test_epochs_to_converge():
-    hist = lambda accs: [dict(epoch=e + 1, val_acc=a) for e, a in enumerate(accs)]
-    assert finetune.epochs_to_converge(hist([0.5, 0.8, 0.9, 0.905])) == 3   # 0.9 within 1 %
-    assert finetune.epochs_to_converge(hist([0.95, 0.7, 0.895, 0.9])) == 3   # overshoot is not
-    assert finetune.epochs_to_converge(hist([0.6])) == 1
-
-
 def test_labels_in_memory_differ_by_seed_streamed_are_fixed(tiny_pythia, tiny_ckpt, tmp_path,
                                                             monkeypatch):
     argv = ["--ckpt", tiny_ckpt, "--n-labels", 30, *flags(tiny_pythia, tmp_path),
@@ -125,7 +123,7 @@ def test_labels_in_memory_differ_by_seed_streamed_are_fixed(tiny_pythia, tiny_ck
     spec = finetune.load_spec(args)
 
     def epoch(data, seed):  # the training stream, and (file, entry, label) of an epoch's jets
-        train, _ = finetune.seed_streams(args, spec, data, seed)
+        train, *_ = finetune.seed_streams(args, spec, data, seed)
         rows = [tuple(s) + (l,) for b in common.loader(train, torch.device("cpu"))
                 for s, l in zip(b["source"].tolist(), b["label"].tolist())]
         return train, rows
@@ -182,15 +180,16 @@ def test_jet_vector_heads_do_not_see_a_common_offset_or_scale(head):
     """Issue 12 item 21: diffmae's pooled vectors share one large direction (cosine 0.995). The
     linear/mlp heads read the vector through a BatchNorm without affine parameters, so a common
     offset and scale change neither the logits nor the head's gradients, in training and, once
-    its running statistics have followed the training batches, in evaluation."""
+    precise_bn has set its statistics from the training vectors, in evaluation."""
     z = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
     y = (z[:, 0] > 0).long()
     out = []
     for offset, scale in ((0.0, 1.0), (10.0 + torch.arange(8.0), 0.5)):
         torch.manual_seed(0)
         clf = finetune.Classifier(_Shifted(offset, scale), head, 2, 8, 8, 1)
-        for _ in range(30):  # the evaluation statistics follow the training batches
-            logits, _ = clf(dict(z=z))
+        logits, jet = clf(dict(z=z))
+        clf.head[0].running_mean.copy_(jet.mean(0))                      # as precise_bn does
+        clf.head[0].running_var.copy_(jet.var(0, unbiased=False))
         torch.nn.functional.cross_entropy(logits, y).backward()
         out.append((logits.detach(), [p.grad.clone() for p in clf.head.parameters()],
                     clf.eval()(dict(z=z))[0].detach()))
@@ -199,6 +198,72 @@ def test_jet_vector_heads_do_not_see_a_common_offset_or_scale(head):
     torch.testing.assert_close(e0, e1, rtol=1e-3, atol=1e-3)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_precise_bn_statistics_at_every_evaluation(tiny_ckpt, tmp_path, monkeypatch):
+    """Issue 19 item 2: at every validation (after steps 1, 2, ..., 20) and at the test, the
+    linear head's eval-mode logits are those of the biased mean and variance of the training
+    jets' vectors under the encoder as it is then, in eval mode (running averages lag)."""
+    splits = synthetic_splits([0, 8], 32)                               # 64 training jets
+    jets = splits["train"]
+    batch = dict(x=torch.from_numpy(jets.x), p4=torch.from_numpy(jets.p4),
+                 valid=torch.from_numpy(jets.valid))
+    errors, predict = [], finetune.predict
+
+    def spy(model, stream, s, spec, n_repr=0, split="test"):
+        model.eval()
+        with torch.no_grad():
+            inputs = spec["module"].encoder_inputs(batch, spec["cfg"])
+            z = model.encoder(**inputs)[2].double()                         # (64, C)
+            norm, linear = model.head
+            scaled = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + norm.eps)
+            expected = scaled @ linear.weight.double().T + linear.bias.double()
+            errors.append((model(inputs)[0].double() - expected).abs().max().item())
+        return predict(model, stream, s, spec, n_repr, split)
+    monkeypatch.setattr(finetune, "predict", spy)
+    args = get_args(["--ckpt", tiny_ckpt, "--mode", "finetune", "--head", "linear", "--steps", 20,
+                     "--eval-every", 1, "--batch-size", 16, "--lr", "1e-2", "--device", "cpu",
+                     "--out", tmp_path])
+    run, _ = one_seed(args, tmp_path, splits=splits)
+    assert len(errors) == 21 and max(errors) < 1e-5, errors           # 20 validations, 1 test
+    assert not same(encoder_state(run["model"]), common.load_checkpoint(tiny_ckpt)["encoder"])
+
+
+def test_step_budget_and_equal_batches_at_100_labels(tmp_path, monkeypatch, capsys):
+    """Issue 19 item 1: 100 labels train for --min-steps, not epochs x 1 step; every labelled
+    jet is in every epoch, and the last batch is filled up to the same size."""
+    splits = synthetic_splits([0, 8], 100)                             # 200 training jets
+    args = get_args(["--scratch", "--n-labels", 100, "--min-steps", 12, "--epochs", 2,
+                     "--batch-size", 32, "--device", "cpu", "--out", tmp_path, "--name", "b"])
+    monkeypatch.setitem(common.ENCODER_PRESETS, "small", common.EncoderConfig(**TINY))
+    spec = finetune.load_spec(args)
+    data = finetune.open_data(args, spec, splits)
+    train, _, _, n_train = finetune.seed_streams(args, spec, data, 0)
+    batches = list(common.loader(train, torch.device("cpu")))
+    seen = torch.cat([b["p4"].sum((1, 2)) for b in batches])
+    assert n_train == 100 and [len(b["y"]) for b in batches] == [32] * 4   # 100 + 28 repeated
+    assert len(torch.unique(seen)) == 100
+    steps = []
+    loss = finetune.selected_loss
+    monkeypatch.setattr(finetune, "selected_loss", lambda *a: steps.append(1) or loss(*a))
+    results = finetune.main(args, splits)
+    assert len(steps) == results["steps"] == 12 >= 2 * len(batches)    # not 2 epochs x 4
+    assert results["history"][0][-1]["step"] == 12 and results["n_train"] == 100
+    assert "12 optimizer steps" in capsys.readouterr().out
+
+
+def test_features_the_data_lacks_are_refused(tmp_path, capsys):
+    """Issue 19 item 4: Top Tagging has no particle ID or impact parameters."""
+    full = dict(TINY, in_dim=len(common.FEATURE_NAMES["full"]))
+    encoder = common.Encoder(common.EncoderConfig(**full))
+    path = tmp_path / "full.pt"
+    common.save_checkpoint(path, method="part", args=dict(features="full"), model=encoder,
+                           encoder=encoder, encoder_config=full)
+    for argv in (["--ckpt", path], ["--scratch", "--features", "full"]):
+        with pytest.raises(SystemExit) as e:
+            finetune.load_spec(get_args([*argv, "--data", "toptagging"]))
+        assert "--features kin" in str(e.value) and "\n" not in str(e.value)
+    assert finetune.load_spec(get_args(["--ckpt", path, "--data", "pythia"]))["features"] == "full"
 
 
 # --- the frozen-then-unfrozen schedule and the warm-up -------------------------------------------
@@ -233,7 +298,7 @@ def test_frozen_then_unfrozen_end_to_end(tiny_pythia, tiny_ckpt, tmp_path, monke
     for step in range(5):                                            # after steps 0..3: frozen
         assert same(snapshots[step], start), step
     assert not same(snapshots[6], start)                             # joined at step 4
-    assert not same({k: v for k, v in built[-1].state_dict().items()}, start)
+    assert not same(snapshots[-1], start)                            # and kept training
 
 
 def test_warmup_default_fits_short_runs(tiny_pythia, tiny_ckpt, tmp_path):
@@ -317,7 +382,8 @@ def test_cwola_needs_signal_to_learn(tmp_path, monkeypatch):
     for frac in (0.0, 0.6):
         args = get_args(["--ckpt", tmp_path / "flat.pt", "--task", "cwola", "--signal-frac", frac,
                          "--seeds", 3, "--lr", "1e-2", "--epochs", 6, "--batch-size", 64,
-                         "--n-max", 16, "--device", "cpu", "--out", tmp_path])
+                         "--n-max", 16, "--min-steps", 0, "--device", "cpu",
+                         "--out", tmp_path])
         auc[frac] = [r["auc"] for r in finetune.main(args, splits)["per_seed"]]  # true labels
     assert all(abs(a - 0.5) < 0.1 for a in auc[0.0]), auc
     assert all(a > 0.75 for a in auc[0.6]), auc
@@ -329,7 +395,7 @@ def test_cwola_needs_signal_to_learn(tmp_path, monkeypatch):
 
 
 def test_multiclass_reports_one_vs_qcd(tiny_ckpt, tmp_path):
-    args = get_args(["--ckpt", tiny_ckpt, "--head", "linear", "--epochs", "1",
+    args = get_args(["--ckpt", tiny_ckpt, "--head", "linear", "--epochs", "1", "--min-steps", 0,
                      "--batch-size", "32", "--device", "cpu", "--out", tmp_path])
     results = finetune.main(args, synthetic_splits([0, 1, 8], 64))
     assert results["classes"] == ["QCD", "Hbb", "Tbqq"]
@@ -370,7 +436,7 @@ def test_checkpoint_of_another_method(tmp_path, monkeypatch):
     for head in ("flatten", "cls-attn"):
         args = get_args(["--ckpt", tmp_path / "toyssl.pt", "--mode", "finetune", "--head", head,
                          "--epochs", "1", "--batch-size", "32", "--device", "cpu",
-                         "--out", tmp_path])
+                         "--min-steps", 0, "--out", tmp_path])
         results = finetune.main(args, synthetic_splits([0, 8], 64))
         assert results["method"] == "toyssl" and 0 <= results["mean"]["auc"] <= 1
         assert np.load(tmp_path / results["name"] / "test_repr.npz")["z"].shape == (64, 6)
@@ -414,7 +480,8 @@ def test_min_subjets_leaves_other_jets_out_exactly(tiny_ckpt, tmp_path):
     n_parts = np.tile([4, 12], 24)
     splits = {k: spread_jets(n_parts, seed) for k, seed in (("train", 1), ("val", 2), ("test", 3))}
     argv = ["--ckpt", tiny_ckpt, "--mode", "finetune", "--head", "mean", "--min-subjets", 10,
-            "--epochs", 2, "--batch-size", 16, "--n-max", 16, "--device", "cpu", "--out", tmp_path]
+            "--epochs", 2, "--batch-size", 16, "--n-max", 16, "--min-steps", 0, "--device", "cpu",
+            "--out", tmp_path]
     results = finetune.main(get_args(argv + ["--name", "a"]), splits)
     assert results["n_test"] == results["n_val"] == 48                # 12-subjet jets only
     assert len(np.load(tmp_path / "a" / "test_repr.npz")["y"]) == 48
@@ -434,7 +501,7 @@ def test_nan_input_stops_without_results(tiny_ckpt, tmp_path):
     splits = synthetic_splits([0, 8], 64)
     splits["train"].x[5, 0, 0] = np.nan                               # one constituent
     args = get_args(["--ckpt", tiny_ckpt, "--n-labels", 128, "--batch-size", 128, "--name", "nan",
-                     "--device", "cpu", "--out", tmp_path])
+                     "--min-steps", 0, "--device", "cpu", "--out", tmp_path])
     with pytest.raises(SystemExit) as e:
         finetune.main(args, splits)
     assert isinstance(e.value.code, str) and "step 0" in e.value.code   # exit status 1

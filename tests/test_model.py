@@ -106,10 +106,23 @@ def test_no_graph_breaks():
 def test_metrics_perfect_and_inverse():
     y = [0, 0, 1, 1]
     m = common.roc_metrics(y, [0.1, 0.2, 0.8, 0.9])
+    assert np.isnan(m.pop("sic"))                                  # 2 background jets, not 10
     assert m == dict(acc=1.0, auc=1.0, rej50=float("inf"), rej30=float("inf"))  # eps_B = 0
     m = common.roc_metrics(y, [0.9, 0.8, 0.2, 0.1])
+    m.pop("sic")
     # every background jet passes before the first signal jet: eps_B = 1 at any eps_S > 0
     assert m == dict(acc=0.0, auc=0.0, rej50=1.0, rej30=1.0)
+
+
+def test_significance_by_hand():
+    """sic = max eps_S / sqrt(eps_B) over thresholds that >= 10 background jets pass."""
+    sig = [0.95, 0.9, 0.6, 0.2]
+    # 10 background jets at 0.7: points (eps_S, eps_B) = (.5, .5), (.75, .5), (1, .5), (1, 1)
+    m = common.roc_metrics([1] * 4 + [0] * 20, sig + [0.7] * 10 + [0.1] * 10)
+    assert m["sic"] == pytest.approx(1 / 0.5 ** 0.5)               # eps_S 1 at eps_B 0.5
+    # 9 at 0.85: every point with eps_B = 0.45 is set by 9 jets; only (1, 1) counts
+    m = common.roc_metrics([1] * 4 + [0] * 20, sig + [0.85] * 9 + [0.1] * 11)
+    assert m["sic"] == pytest.approx(1.0)
 
 
 def test_metrics_ties():

@@ -1,8 +1,8 @@
-"""study.py: the measures (mean +- std, 2 sigma), resume without redoing a finished
+"""study.py: the measures (mean +- std, paired t, Holm), resume without redoing a finished
 cell, a failing cell's one-line error, and a tiny real study end to end.
 
 Most tests replace study.launch by a fake program that writes what the scripts write (a
-checkpoint, finetune.py's results.json with history, epochs_to_converge and test_repr.npz) in
+checkpoint, finetune.py's results.json with history, steps_to_converge and test_repr.npz) in
 milliseconds; the last test runs the real scripts in-process."""
 import json
 import math
@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 
-import finetune
 import study
 
 TINY_MODELS = ['jetclr=--dim 16 --depth 1 --cls-depth 1 --heads 2',
@@ -33,17 +33,45 @@ def test_aggregate():
     assert study.aggregate([None, None])["n"] == 0
 
 
-def test_compare_two_sigma():
-    b = dict(mean=0.80, std=0.01, n=4)
-    sigma = math.sqrt(2 * 0.01 ** 2 / 4)
-    assert study.compare(dict(mean=0.80 + 2.1 * sigma, std=0.01, n=4), b) == 1
-    assert study.compare(dict(mean=0.80 + 1.9 * sigma, std=0.01, n=4), b) == 0
-    assert study.compare(dict(mean=0.80 - 2.1 * sigma, std=0.01, n=4), b) == -1
-    # fewer epochs is better
-    assert study.compare(dict(mean=0.80 - 2.1 * sigma, std=0.01, n=4), b, higher_is_better=False) == 1
-    # one seed (no std) or an infinite rejection: nothing can be claimed
-    assert study.compare(dict(mean=0.99, std=math.nan, n=1), b) == 0
-    assert study.compare(dict(mean=math.inf, std=math.nan, n=3), b) == 0
+def test_paired_statistics_match_scipy():
+    a = [0.912, 0.931, 0.905, 0.944, 0.921]
+    b = [0.901, 0.902, 0.911, 0.921, 0.903]
+    d = study.paired(dict(enumerate(a)), dict(enumerate(b)))
+    ref = scipy.stats.ttest_rel(a, b)
+    ci = ref.confidence_interval(0.95)
+    assert d["n"] == 5 and d["mean"] == pytest.approx(np.mean(np.subtract(a, b)))
+    assert d["p"] == pytest.approx(ref.pvalue) and 0.01 < d["p"] < 0.2
+    assert (d["lo"], d["hi"]) == pytest.approx((ci.low, ci.high))
+    assert scipy.stats.t.ppf(0.975, 4) == pytest.approx(2.776, abs=1e-3)   # the printed tables
+    # pairs by seed: a seed missing, None or infinite in either arm is left out
+    more = study.paired({**dict(enumerate(a)), 7: 0.99, 8: math.inf, 9: None},
+                        {**dict(enumerate(b)), 8: 0.9, 9: 0.9})
+    assert more == d
+    one = study.paired({0: 0.9}, {0: 0.8})
+    assert one["mean"] == pytest.approx(0.1) and math.isnan(one["p"]) and math.isnan(one["lo"])
+    assert math.isnan(study.paired({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5})["p"])  # no spread
+
+
+def test_ssl_flattening(tmp_path):
+    log = tmp_path / "mpm.jsonl"
+    lines = [dict(step=s, val=dict(loss=v)) for s, v in ((25, 3.0), (50, 2.2), (75, 2.02),
+                                                          (100, 2.0))]
+    log.write_text("\n".join(json.dumps(x) for x in [dict(config=1)] + lines) + "\n")
+    curve = study.ssl_curve(log)
+    assert curve == [(25, 3.0), (50, 2.2), (75, 2.02), (100, 2.0)]
+    assert study.flattening(curve) == pytest.approx(0.01)          # (2.02 - 2.0) / 2.0
+    log.write_text(json.dumps(dict(step=8, val_loss=1.5)) + "\n")  # jetclr's, jjepa's key
+    assert study.ssl_curve(log) == [(8, 1.5)]
+    assert math.isnan(study.flattening([(10, 1.0)]))
+
+
+def test_holm():
+    adjusted = study.holm([0.01, 0.04, 0.03, 0.005])
+    assert adjusted == pytest.approx([0.03, 0.06, 0.06, 0.02])  # 3p, max(2p, 3p'), 1p -> 0.06, 4p
+    with_nan = study.holm([0.01, math.nan, 0.04])
+    assert with_nan[0] == pytest.approx(0.02) and math.isnan(with_nan[1])
+    assert with_nan[2] == pytest.approx(0.04)
+    assert study.holm([0.5, 0.6]) == [1.0, 1.0]
 
 
 def test_grid_variants():
@@ -61,8 +89,9 @@ def test_grid_variants():
 
 def fake_launch(calls, fail_at=None):
     """A stand-in for study.launch: writes a method script's checkpoint, or finetune.py's
-    results.json (pretrained jetclr: clearly better than scratch; mpm: the same) with history
-    and test_repr.npz. fail_at=k: the k-th call leaves a partial folder and fails."""
+    results.json (pretrained jetclr: clearly better than scratch; mpm: the same up to a little
+    noise) with history and test_repr.npz. fail_at=k: the k-th call leaves a partial folder and
+    fails."""
 
     def launch(cmd, log_path, in_process=False):
         calls.append(cmd)
@@ -78,14 +107,16 @@ def fake_launch(calls, fail_at=None):
         out = log_path.parent
         ckpt, seeds, seed0 = argv["--ckpt"], int(argv["--seeds"]), int(argv["--seed"])
         gain = 0.0 if "--scratch" in cmd or "mpm" in ckpt else 0.1
-        per_seed = [dict(acc=0.7 + gain + 0.001 * k, auc=0.8 + gain + 0.001 * k, rej50=10 + 100 * gain + k,
-                         rej30=30 + 100 * gain + k) for k in range(seeds)]
-        history = [[dict(epoch=e + 1, step=e + 1, val_acc=a) for e, a in enumerate([0.5, 0.695, 0.7])]
-                   for _ in range(seeds)]
+        noise = [0.0 if "--scratch" in cmd else 0.0002 * (7 * k % 3) for k in range(seeds)]
+        per_seed = [dict(acc=0.7 + gain + 0.001 * k, auc=0.8 + gain + 0.001 * k + noise[k],
+                         rej50=10 + 100 * gain + k, rej30=30 + 100 * gain + k, sic=2 + gain)
+                    for k in range(seeds)]
+        history = [[dict(epoch=e + 1, step=e + 1, val_auc=a)
+                    for e, a in enumerate([0.5, 0.7, 0.69])] for _ in range(seeds)]
         n_train = int(argv.get("--n-labels", 1000))
-        results = dict(per_seed=per_seed, history=history, n_train=n_train,
-                       epochs_to_converge=[finetune.epochs_to_converge(h) for h in history], n_test=50, classes=["QCD", "top"],
-                       seeds=list(range(seed0, seed0 + seeds)))
+        results = dict(per_seed=per_seed, history=history, n_train=n_train, n_test=50,
+                       steps_to_converge=[2] * seeds, converged=[True] * seeds,
+                       classes=["QCD", "top"], seeds=list(range(seed0, seed0 + seeds)))
         (out / "results.json").write_text(json.dumps(results))
         rng = np.random.default_rng(0)
         y = rng.integers(0, 2, 40)
@@ -98,7 +129,7 @@ def fake_launch(calls, fail_at=None):
 def fake_args(out, *extra):
     return study.get_args(["--methods", "jetclr,mpm", "--pretrain-data", "pythia",
                            "--finetune-data", "pythia", "--pretrain-jets", "100,200", "--labels", "10,all",
-                           "--seeds", "3", "--steps", "2",
+                           "--seeds", "3", "--cheap-seeds", "3", "--steps", "2",
                            "--device", "cpu", "--out", str(out), "--tsne-jets", "30", *extra])
 
 
@@ -106,30 +137,48 @@ def test_study_report_on_fake_runs(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(study, "launch", fake_launch(calls))
     res = study.main(fake_args(tmp_path))
-    # 2 methods x 2 sizes pretrainings; (2 scratch + 4 pretrained) x 2 label counts fine-tunings
-    assert len(calls) == 4 + 12
+    # 2 methods x 2 sizes pretrainings; (2 scratch + 4 pretrained) x 2 label counts fine-tunings,
+    # and as many linear probes
+    assert len(calls) == 4 + 12 + 12
     assert len(res["rows"]) == 12 and {r["labels"] for r in res["rows"]} == {10, "all"}
     saved = json.loads((tmp_path / "study.json").read_text())
     assert len(saved["rows"]) == 12
     row = next(r for r in saved["rows"]
                if r["model"] == "jetclr" and r["pretrain_jets"] == 200 and r["labels"] == 10)
-    assert row["stats"]["acc"]["mean"] == pytest.approx(0.801) and row["stats"]["epochs"]["mean"] == 2
-    assert row["vs_scratch"]["acc"] == 1 and row["vs_scratch"]["epochs"] == 0
-    assert all(r["vs_scratch"]["acc"] == 0 for r in saved["rows"] if r["model"] == "mpm")
+    assert row["stats"]["acc"]["mean"] == pytest.approx(0.801)
+    assert row["stats"]["steps"]["mean"] == 2
+    gain = row["vs_scratch"]["auc"]
+    assert gain["mean"] == pytest.approx(0.1002) and gain["p"] < 1e-4 and row["holm_p"] < 0.05
+    assert row["probe"]["mean"] == pytest.approx(0.1002)         # the probes' fake numbers
+    for r in saved["rows"]:
+        if r["model"] == "mpm":
+            assert r["vs_scratch"]["auc"]["p"] > 0.05 and r["holm_p"] >= r["vs_scratch"]["auc"]["p"]
     md = (tmp_path / "study.md").read_text()
-    assert md.count("| model | pretraining jets |") == 2
+    assert md.count("| model | pretraining jets |") == 4 and "Holm" in md
     table = md.split("## 10 labels")[1].split("##")[0]
     lines = [ln for ln in table.splitlines() if ln.startswith("| ") and "model" not in ln]
     assert lines[0].startswith("| scratch_jetclr") and lines[1].startswith("| scratch_mpm")  # scratch first
-    assert "0.8010 ± 0.0010 ▲" in table and "▼" not in table
-    assert "no metric differs from scratch beyond 2 sigma: mpm n=100 at 10 labels" in md
-    for png in ("labels.png", "pretrain_size.png", "tsne.png"):
+    assert "0.8010 ± 0.0010" in table and " 3/3 |" in table
+    assert "+0.1002 [" in table and table.count("▲") == 2 and "▼" not in table
+    assert "- undecided: mpm n=100 at 10 labels; mpm n=200 at 10 labels;" in md
+    for png in ("labels.png", "gain.png", "pretrain_size.png", "tsne.png"):
         assert (tmp_path / png).stat().st_size > 1000
     # the cells run the scripts with the study's flags; pass-through flags come last
     pre = next(c for c in calls if c[0].endswith("mpm.py"))
     assert pre[pre.index("--n-jets") + 1] == "100" and pre[pre.index("--steps") + 1] == "2"
     ft = next(c for c in calls if c[0].endswith("finetune.py") and "--n-labels" not in c)
     assert "--scratch" in ft and ft[ft.index("--mode") + 1] == "finetune"
+    assert ft[ft.index("--n-val") + 1] == "2000"
+    probe = next(c for c in calls if "probe_scratch_jetclr_L10" in c)
+    assert probe[-2:] == ["--head", "linear"] and probe[probe.index("--mode") + 1] == "probe"
+    assert "--scratch" in probe                                      # random weights, frozen
+    # 10 seeds where labels are cheap, --seeds elsewhere; J-JEPA pretrains in the context frame
+    args = study.get_args(["--labels", "100,1000,10000", "--seeds", "5"])
+    assert [study.seeds_at(args, n) for n in args.label_counts] == [10, 10, 5]
+    jj = study.pretrain_argv(args, dict(name="jjepa", method="jjepa", flags=[]), 100)
+    assert jj[jj.index("--context-frame") + 1] == "context" and "--features" not in jj
+    dm = study.pretrain_argv(args, dict(name="diffmae", method="diffmae", flags=[]), 100)
+    assert dm[dm.index("--features") + 1] == "kin"                 # Top Tagging lacks the rest
 
 
 def test_interrupted_study_resumes(tmp_path, monkeypatch):
@@ -148,7 +197,7 @@ def test_interrupted_study_resumes(tmp_path, monkeypatch):
     calls2 = []
     monkeypatch.setattr(study, "launch", fake_launch(calls2))
     study.main(fake_args(tmp_path))
-    assert len(calls2) == 16 - 6 and calls2[0] == failed
+    assert len(calls2) == 28 - 6 and calls2[0] == failed
     assert not (tmp_path / "finetune" / partial.name / "partial").exists()
     assert all((p / "results.json").stat().st_mtime_ns == t for p, t in mtimes.items())
     # a third run launches nothing; another command for an existing cell is refused
@@ -186,13 +235,14 @@ def test_tiny_study_end_to_end(tiny_pythia10, tiny_pythia, tmp_path, capsys):
     argv = ["--methods", "jetclr,mpm", "--pretrain-data", "pythia", "--pretrain-dir", str(tiny_pythia10),
             "--finetune-data", "pythia", "--finetune-dir", str(tiny_pythia), "--pretrain-jets", "32,64",
             "--labels", "20,all", "--seeds", "2", "--steps", "3", "--batch-size", "16", "--n-eval", "10",
-            "--device", "cpu", "--in-process", "--out", str(tmp_path)]
+            "--cheap-seeds", "2", "--no-probe", "--device", "cpu", "--in-process",
+            "--out", str(tmp_path)]
     argv += [x for m in TINY_MODELS for x in ("--method-args", m)]
     res = study.main(study.get_args(argv))
     assert len(res["rows"]) == (2 + 4) * 2
     for r in res["rows"]:
         assert len(r["per_seed"]) == 2 and np.isfinite(r["stats"]["acc"]["mean"])
-        assert len(r["history"]) == 2 and r["stats"]["epochs"]["n"] == 2  # convergence from history
+        assert len(r["history"]) == 2 and r["stats"]["steps"]["n"] == 2  # steps to best val
     assert {r["pretrain_jets"] for r in res["rows"]} == {0, 32, 64}
     md = (tmp_path / "study.md").read_text()
     assert "## 20 labels" in md and "## all labels" in md
