@@ -26,6 +26,9 @@ import common
 import diffmae
 
 
+OLD_RUNS = dict(head="diffusion", query_rank="global", frame="jet")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -119,7 +122,11 @@ def main(argv=None):
     ckpt = common.load_checkpoint(a.ckpt)
     if ckpt["method"] != "diffmae":
         raise SystemExit(f"--ckpt {a.ckpt}: a {ckpt['method']} checkpoint; bench_gen.py checks diffmae's")
-    run = argparse.Namespace(**ckpt["args"])
+    # checkpoints from before these flags: the behaviour they had then
+    run = argparse.Namespace(**{**OLD_RUNS, **ckpt["args"]})
+    if run.head != "diffusion":
+        raise SystemExit(f"--ckpt {a.ckpt}: a --head {run.head} run has no generator to check; "
+                         "bench_gen.py needs a --head diffusion checkpoint")
     device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     model = diffmae.DiffMAE(ckpt["encoder_config"], run)
@@ -131,7 +138,8 @@ def main(argv=None):
                               seed=a.seed, shuffle=False, drop_last=False)
     true, fake, control = [], [], []
     for i, b in enumerate(common.loader(stream, torch.device("cpu"))):
-        batch = diffmae.make_batch(b["x"], b["valid"], run, device, "bench_gen", a.seed, i)
+        batch = diffmae.make_batch(b["x"], b["p4"], b["valid"], run, device, "bench_gen",
+                                   a.seed, i)
         perm = torch.randperm(len(b["x"]), generator=common.generator(a.seed, "bench_gen jets", i))
         other = torch.empty_like(perm)
         other[perm] = perm.roll(1)                       # every jet gets another jet's context
