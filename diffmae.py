@@ -35,8 +35,9 @@ The target keeps every feature, standardised with the mean/std of a bounded samp
 
 Optimizer. AdamW as MAR (betas 0.9/0.95, wd 0.02, clip 3, constant lr after warm-up) or
 `--optimizer schedulefree` (the talk's): schedule-free AdamW, same betas and warm-up
-(`--warmup`, or common.warmup_steps' default), then a constant lr. It steps at one point and
-evaluates at the average: evaluations, checkpoints and the probe see the average.
+(`--warmup`, or common.warmup_steps' min(100, 5% of the run); the talk warms up for 1,000
+steps), then a constant lr. It steps at one point and evaluates at the average: evaluations,
+checkpoints and the probe see the average, and resume stays exact.
 
 `--preset paper`, the talk's recipe as far as published: mask 12.5%, one token predicted, all
 inputs (drop_features=""; under `--frame jet` this reopens the E_jet shortcut, under the
