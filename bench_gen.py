@@ -1,5 +1,5 @@
-"""Generation check of a diffmae checkpoint: does the diffusion decoder sample hidden particles that
-belong to *their* jet?
+"""Generation check of a diffmae checkpoint: does the diffusion decoder sample hidden particles
+that belong to *their* jet?
 
 For val jets, hide particles with the run's masking, and sample each decoded particle from its
 decoder output (ancestral DDPM on the schedule respaced to `--sample-steps`, in the standardised
@@ -26,6 +26,9 @@ import common
 import diffmae
 
 
+OLD_RUNS = dict(head="diffusion", query_rank="global", frame="jet")
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -33,14 +36,18 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default=None, help="val data folder (None: the run's)")
     p.add_argument("--n-eval", type=common.positive_int, default=2000, help="val jets to check")
     p.add_argument("--batch-size", type=common.positive_int, default=256, help="jets per batch")
-    p.add_argument("--sample-steps", type=common.positive_int, default=100, help="respaced DDPM steps")
+    p.add_argument("--sample-steps", type=common.positive_int, default=100,
+                   help="respaced DDPM steps")
     p.add_argument("--sample-temperature", type=common.nonneg_float, default=1.0,
                    help="scales the noise added at each step (not the start)")
     p.add_argument("--sample-clip", type=common.nonneg_float, default=5.0,
-                   help="clamp the predicted x0 to +-this in input units (ParT's recipe clips to +-5); 0: off")
-    p.add_argument("--seed", type=common.nonneg_int, default=0, help="seed of the masks and the sampler noise")
+                   help="clamp the predicted x0 to +-this in input units (ParT's recipe clips "
+                        "to +-5); 0: off")
+    p.add_argument("--seed", type=common.nonneg_int, default=0,
+                   help="seed of the masks and the sampler noise")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--plot", default=None, metavar="PNG", help="also write histograms of four features")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="also write histograms of four features")
     return p.parse_args(argv)
 
 
@@ -60,19 +67,23 @@ def ddpm_sample(net, z, n_feat, alpha_bar, steps=100, temperature=1.0, gen=None,
         eps = net(x, ts[i].to(z.device).expand(x.shape[:-1]), z)
         x0 = (x - (1 - ab[i]).sqrt() * eps) / ab[i].sqrt()
         x0 = x0.clamp(lo, hi) if lo is not None else x0
-        mean = (ab_prev[i].sqrt() * beta[i] * x0 + (1 - beta[i]).sqrt() * (1 - ab_prev[i]) * x) / (1 - ab[i])
+        mean = (ab_prev[i].sqrt() * beta[i] * x0
+                + (1 - beta[i]).sqrt() * (1 - ab_prev[i]) * x) / (1 - ab[i])
         x = mean.float()
         if i > 0:
-            x = x + temperature * float((beta[i] * (1 - ab_prev[i]) / (1 - ab[i])).sqrt()) * randn()
+            sigma = float((beta[i] * (1 - ab_prev[i]) / (1 - ab[i])).sqrt())
+            x = x + temperature * sigma * randn()
     return x
 
 
 def sample(model, z, gen, steps=100, temperature=1.0, clip=5.0):
-    """Hidden particles (M, F) in input units from their decoder outputs z (M, C): the model diffuses
-    standardised features, so the clip bounds are mapped into those units and the samples back."""
+    """Hidden particles (M, F) in input units from their decoder outputs z (M, C): the model
+    diffuses standardised features, so the clip bounds are mapped into those units and the
+    samples back."""
     mean, std = model.t_mean, model.t_std
     lo, hi = ((-clip - mean) / std, (clip - mean) / std) if clip else (None, None)
-    x = ddpm_sample(model.diff, z.float(), len(mean), model.alpha_bar, steps, temperature, gen, lo, hi)
+    x = ddpm_sample(model.diff, z.float(), len(mean), model.alpha_bar, steps, temperature, gen,
+                    lo, hi)
     return x * std + mean
 
 
@@ -83,8 +94,9 @@ def w1(a, b):
 
 def compare(true, fake, control, names, scale, seed=0):
     """true, fake, control (M, F): the hidden particles, samples from their own jet's context and
-    from another jet's. scale (F,): the feature stds the distances are measured in. Returns a dict:
-    per-feature W1 (sampled, control and other particles vs the truth) and the conditioning test."""
+    from another jet's. scale (F,): the feature stds the distances are measured in. Returns a
+    dict: per-feature W1 (sampled, control and other particles vs the truth) and the
+    conditioning test."""
     order = torch.randperm(len(true), generator=common.generator(seed, "bench_gen halves"))
     true, fake, control = true[order], fake[order], control[order]
     h = len(true) // 2
@@ -97,20 +109,25 @@ def compare(true, fake, control, names, scale, seed=0):
     own, ctl = dist(fake), dist(control)
     gap = ctl - own
     se = float(gap.std() / math.sqrt(len(gap)))
-    out.update(dist_own=float(own.mean()), dist_control=float(ctl.mean()), gap=float(gap.mean()), gap_se=se,
+    out.update(dist_own=float(own.mean()), dist_control=float(ctl.mean()), gap=float(gap.mean()),
+               gap_se=se,
                conditional=bool(gap.mean() > 2 * se), n=len(true))
     return out
 
 
 def report(r, names):
     print(f"generation check on {r['n']} hidden val particles")
-    print(f"  {'feature':16s} {'W1(sampled)':>12s} {'W1(control)':>12s} {'W1(other jets)':>15s}   (vs the truth)")
+    print(f"  {'feature':16s} {'W1(sampled)':>12s} {'W1(control)':>12s} "
+          f"{'W1(other jets)':>15s}   (vs the truth)")
     for name in names:
-        print(f"  {name:16s} {r[f'w1_{name}']:12.4f} {r[f'w1_control_{name}']:12.4f} {r[f'w1_other_{name}']:15.4f}")
+        print(f"  {name:16s} {r[f'w1_{name}']:12.4f} {r[f'w1_control_{name}']:12.4f} "
+              f"{r[f'w1_other_{name}']:15.4f}")
     print(f"  per-particle distance to the truth (RMS over standardised features): own context "
-          f"{r['dist_own']:.4f}, another jet's context {r['dist_control']:.4f}; gap {r['gap']:.4f} +- {r['gap_se']:.4f}")
-    print("  conditional: " + ("yes, the own context beats the control by more than 2 standard errors"
-                               if r["conditional"] else "NO, the samples are no closer to their own jet's truth"))
+          f"{r['dist_own']:.4f}, another jet's context {r['dist_control']:.4f}; "
+          f"gap {r['gap']:.4f} +- {r['gap_se']:.4f}")
+    print("  conditional: " + (
+        "yes, the own context beats the control by more than 2 standard errors"
+        if r["conditional"] else "NO, the samples are no closer to their own jet's truth"))
 
 
 @torch.no_grad()
@@ -118,10 +135,15 @@ def main(argv=None):
     a = get_args(argv)
     ckpt = common.load_checkpoint(a.ckpt)
     if ckpt["method"] != "diffmae":
-        raise SystemExit(f"--ckpt {a.ckpt}: a {ckpt['method']} checkpoint; bench_gen.py checks diffmae's")
-    run = argparse.Namespace(**ckpt["args"])
-    device = torch.device("cuda" if a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
+        raise SystemExit(f"--ckpt {a.ckpt}: a {ckpt['method']} checkpoint; bench_gen.py checks "
+                         "diffmae's")
+    # checkpoints from before these flags: the behaviour they had then
+    run = argparse.Namespace(**{**OLD_RUNS, **ckpt["args"]})
+    if run.head != "diffusion":
+        raise SystemExit(f"--ckpt {a.ckpt}: a --head {run.head} run has no generator to check; "
+                         "bench_gen.py needs a --head diffusion checkpoint")
+    use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if use_cuda else "cpu")
     model = diffmae.DiffMAE(ckpt["encoder_config"], run)
     model.load_state_dict(ckpt["model"])
     model.eval().to(device)
@@ -131,18 +153,21 @@ def main(argv=None):
                               seed=a.seed, shuffle=False, drop_last=False)
     true, fake, control = [], [], []
     for i, b in enumerate(common.loader(stream, torch.device("cpu"))):
-        batch = diffmae.make_batch(b["x"], b["valid"], run, device, "bench_gen", a.seed, i)
+        batch = diffmae.make_batch(b["x"], b["p4"], b["valid"], run, device, "bench_gen",
+                                   a.seed, i)
         perm = torch.randperm(len(b["x"]), generator=common.generator(a.seed, "bench_gen jets", i))
         other = torch.empty_like(perm)
         other[perm] = perm.roll(1)                       # every jet gets another jet's context
         other = other.to(device)
         sel = batch["pred_valid"]
         z = model.condition(batch["x_vis"], batch["vis_valid"], batch["pred_rank"])[sel]
-        z_ctl = model.condition(batch["x_vis"][other], batch["vis_valid"][other], batch["pred_rank"])[sel]
+        z_ctl = model.condition(batch["x_vis"][other], batch["vis_valid"][other],
+                                batch["pred_rank"])[sel]
         true.append(batch["x_pred"][sel].float().cpu())
-        for out, cond in ((fake, z), (control, z_ctl)):  # the same noise for both: a paired comparison
+        for out, cond in ((fake, z), (control, z_ctl)):  # the same noise for both: paired
             gen = common.generator(a.seed, "bench_gen noise", i)
-            out.append(sample(model, cond, gen, a.sample_steps, a.sample_temperature, a.sample_clip).cpu())
+            drawn = sample(model, cond, gen, a.sample_steps, a.sample_temperature, a.sample_clip)
+            out.append(drawn.cpu())
     true, fake, control = torch.cat(true), torch.cat(fake), torch.cat(control)
     r = compare(true, fake, control, names, model.t_std.cpu(), a.seed)
     report(r, names)

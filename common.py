@@ -1862,12 +1862,47 @@ def decay_groups(params, weight_decay, **group):
             dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, **group)]
 
 
-def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, device_type="cpu"):
+def configure_optimizer(model, lr, weight_decay, betas=None, eps=1e-8, device_type="cpu",
+                        kind="adamw"):
     """AdamW with weight decay on >= 2-D parameters only. `model` is a module or a list of
-    parameter groups (e.g. from decay_groups, to give a backbone its own learning rate)."""
+    parameter groups (e.g. from decay_groups, to give a backbone its own learning rate).
+    kind "schedulefree": schedule-free AdamW (the `schedulefree` package); call
+    optimizer_mode(opt, "train") before stepping and evaluate inside averaged_weights(opt).
+    betas None: (0.9, 0.999) for AdamW, (0.9, 0.95) for schedule-free (the diffusion-MAE
+    talk's)."""
     groups = decay_groups(model, weight_decay) if isinstance(model, nn.Module) else model
+    if kind == "schedulefree":
+        try:
+            import schedulefree
+        except ImportError:
+            raise SystemExit("--optimizer schedulefree needs the schedulefree package: "
+                             "pip install schedulefree") from None
+        # warmup_steps=0: the caller's lr_at drives the warm-up, as for AdamW (the package's
+        # own warm-up would multiply it); its average weighs steps by lr^2 either way
+        return schedulefree.AdamWScheduleFree(groups, lr=lr, betas=betas or (0.9, 0.95),
+                                              eps=eps, warmup_steps=0)
+    if kind != "adamw":
+        raise ValueError(f"optimizer kind must be adamw or schedulefree, got {kind!r}")
     fused = device_type == "cuda"  # one kernel per step instead of one per tensor
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas or (0.9, 0.999), eps=eps, fused=fused)
+
+
+def optimizer_mode(optimizer, mode):
+    """mode "train" or "eval". Schedule-free AdamW steps at one point (y) and evaluates at the
+    average (x), swapping the parameters in place; AdamW has one point, so this does nothing."""
+    if hasattr(optimizer, mode):  # torch's optimizers have no train()/eval()
+        getattr(optimizer, mode)()
+
+
+@contextlib.contextmanager
+def averaged_weights(optimizer):
+    """Inside, the model holds the weights to evaluate, save and probe (schedule-free's
+    average); after, the weights training steps from. A no-op for AdamW."""
+    optimizer_mode(optimizer, "eval")
+    try:
+        yield
+    finally:
+        optimizer_mode(optimizer, "train")
 
 
 def lr_at(step, total_steps, warmup_steps, lr, min_lr=0.0):

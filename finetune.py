@@ -158,6 +158,9 @@ def get_args(argv=None):
     g.add_argument("--n-val", type=common.positive_int, default=None,
                    help="validation jets (None: --n-eval); they are scored about 20 times per "
                         "run, the test jets once")
+    g.add_argument("--optimizer", choices=["adamw", "schedulefree"], default="adamw",
+                   help="AdamW with a cosine lr, or schedule-free AdamW (betas 0.9/0.95, constant "
+                        "lr after the warm-up; evaluated at its averaged weights)")
     g.add_argument("--task", choices=["supervised", "cwola"], default="supervised",
                    help="cwola: learn from two mixed samples labelled by sample only")
     g.add_argument("--signal-frac", type=common.unit, default=None,
@@ -520,7 +523,9 @@ def run_seed(args, s, seed, spec, data, log, n_repr=0):
     if args.mode == "finetune":
         groups += common.decay_groups(encoder, args.weight_decay, name="backbone")
     optimizer = common.configure_optimizer(groups, args.lr, args.weight_decay,
-                                           device_type=s.device_type)
+                                           device_type=s.device_type, kind=args.optimizer)
+    common.optimizer_mode(optimizer, "train")
+    min_lr = args.lr if args.optimizer == "schedulefree" else 0.0  # schedule-free: no decay
 
     per_epoch = len(train)
     total = args.steps or max(args.epochs * per_epoch, args.min_steps)
@@ -534,7 +539,7 @@ def run_seed(args, s, seed, spec, data, log, n_repr=0):
     bar = common.progress_bar(total, train.batch_size, desc=f"seed {seed}")
     loss_sum, n_loss, t0 = 0.0, 0, time.time()
     for step, _, batch in common.train_batches(train, s.device, args.epochs, steps=total):
-        lr = common.lr_at(step, total, warmup, args.lr)
+        lr = common.lr_at(step, total, warmup, args.lr, min_lr)
         b_lr = backbone_lr(step, lr, args)
         if frozen != (b_lr == 0.0):
             frozen = b_lr == 0.0
@@ -565,13 +570,14 @@ def run_seed(args, s, seed, spec, data, log, n_repr=0):
         # 3. validation: every `every` steps and at the end, with the head's statistics of now
         done = step + 1
         if done % every == 0 or done == total:
-            precise_bn(raw_model, stats, s, inputs)
-            probs, y, _ = predict(model, val, s, spec, split="validation")
-            metrics = common.roc_metrics(y, probs)
-            score = selection_score(metrics, spec["n_classes"])
-            if score > best:
-                best, best_step = score, done
-                best_state = copy.deepcopy(raw_model.state_dict())
+            with common.averaged_weights(optimizer):  # schedule-free: score and keep the average
+                precise_bn(raw_model, stats, s, inputs)
+                probs, y, _ = predict(model, val, s, spec, split="validation")
+                metrics = common.roc_metrics(y, probs)
+                score = selection_score(metrics, spec["n_classes"])
+                if score > best:
+                    best, best_step = score, done
+                    best_state = copy.deepcopy(raw_model.state_dict())
             point = dict(epoch=round(done / per_epoch, 4), step=done, val_acc=metrics["acc"],
                          val_auc=metrics["auc"], train_loss=loss_sum / n_loss)
             history.append(point)

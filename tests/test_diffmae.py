@@ -25,11 +25,51 @@ def tiny_model(*flags):
     return diffmae.DiffMAE(diffmae.encoder_config(args), args), args
 
 
+def fake_p4(B, N, seed=0):
+    """Massless (px, py, pz, E) of a narrow jet at eta 0.7, phi 1.0: pT-ordered, 1-100 GeV."""
+    g = torch.Generator().manual_seed(seed)
+    pt = (torch.rand(B, N, generator=g) * 99 + 1).sort(1, descending=True)[0]
+    eta = 0.7 + 0.3 * torch.randn(B, N, generator=g)
+    phi = 1.0 + 0.3 * torch.randn(B, N, generator=g)
+    pz = pt * torch.sinh(eta)
+    return torch.stack([pt * torch.cos(phi), pt * torch.sin(phi), pz, torch.hypot(pt, pz)], -1)
+
+
 def fake_jets(B=6, N=24, F_=17, seed=0):
+    """x (B, N, F), p4 (B, N, 4), valid (B, N): jets of N, N - 3, 17, 9, 2 and 0 particles."""
     g = torch.Generator().manual_seed(seed)
     n = torch.tensor([N, N - 3, 17, 9, 2, 0][:B])
     valid = torch.arange(N)[None] < n[:, None]
-    return torch.randn(B, N, F_, generator=g) * valid[..., None], valid
+    x = torch.randn(B, N, F_, generator=g) * valid[..., None]
+    return x, fake_p4(B, N, seed) * valid[..., None], valid
+
+
+def jet_frame(x, p4, valid):
+    """x with the axis-dependent columns made as the data layer does, from all particles."""
+    p4 = p4 * valid[..., None]
+    return common.refeature(x, p4, valid, common.axis_of(p4.sum(1)))
+
+
+def memory_jets(n, seed, n_short=0, N=24):
+    """common.Jets for train(args, data=...): fake_p4 kinematics, the first n_short jets with one
+    particle; labels alternate."""
+    counts = torch.randint(8, N + 1, (n,), generator=torch.Generator().manual_seed(seed))
+    counts[:n_short] = 1
+    valid = torch.arange(N)[None] < counts[:, None]
+    p4 = fake_p4(n, N, seed) * valid[..., None]
+    x = jet_frame(torch.randn(n, N, 17, generator=torch.Generator().manual_seed(seed + 1)), p4, valid)
+    return common.Jets(x=x.numpy(), p4=p4.numpy(), valid=valid.numpy(),
+                       y=(torch.arange(n) % 2).numpy(), jet=torch.zeros(n, 4).numpy())
+
+
+MEMORY = ["--size", "tiny", "--n-max", "24", "--batch-size", "16", "--n-eval", "16", "--device",
+          "cpu", "--no-compile", "--log-every", "2"]
+
+
+def memory_run(out, *flags, n_short=0):
+    """A tiny run on in-memory jets (train(args, data=...)): 48 train jets, 3 steps an epoch."""
+    args = diffmae.get_args(MEMORY + ["--out", str(out), *flags])
+    return diffmae.train(args, data=dict(train=memory_jets(48, 0, n_short), val=memory_jets(16, 1)))
 
 
 def run(tmp_path, data, *extra):
@@ -55,8 +95,9 @@ def test_gqa_equals_mha_with_repeated_kv():
 
 
 def test_masks_disjoint_and_sized():
-    _, valid = fake_jets()
-    vis_idx, vis_valid, pred_idx, pred_valid = diffmae.make_masks(valid, 0.25, "1tok", torch.Generator().manual_seed(0))
+    x, p4, valid = fake_jets()
+    vis_idx, vis_valid, pred_idx, pred_valid, _ = diffmae.make_masks(
+        valid, 0.25, "1tok", torch.Generator().manual_seed(0))
     n = valid.sum(1)
     assert vis_valid.sum(1).tolist() == [18, 16, 13, 7, 1, 0]       # n - round(0.25 n), >= 1 hidden
     assert pred_valid.sum(1).tolist() == [1, 1, 1, 1, 1, 0]
@@ -68,10 +109,11 @@ def test_masks_disjoint_and_sized():
 def test_masks_and_noise_per_rank_and_step():
     """Masks and noise are a pure function of (seed, rank, step): a resumed rank draws what it would
     have drawn, and two ranks never draw the same (on resume every rank once took rank 0's state)."""
-    x, valid = fake_jets()
+    x, p4, valid = fake_jets()
     args = unit_args()
-    a, again = (diffmae.make_batch(x, valid, args, "cpu", 0, 5) for _ in range(2))
-    other_rank, other_step = diffmae.make_batch(x, valid, args, "cpu", 1, 5), diffmae.make_batch(x, valid, args, "cpu", 0, 6)
+    a, again = (diffmae.make_batch(x, p4, valid, args, "cpu", 0, 5) for _ in range(2))
+    other_rank = diffmae.make_batch(x, p4, valid, args, "cpu", 1, 5)
+    other_step = diffmae.make_batch(x, p4, valid, args, "cpu", 0, 6)
     assert all(torch.equal(a[k], again[k]) for k in a)
     for b in (other_rank, other_step):
         assert not torch.equal(a["noise"], b["noise"]) and not torch.equal(a["x_vis"], b["x_vis"])
@@ -79,21 +121,22 @@ def test_masks_and_noise_per_rank_and_step():
 
 def test_encoder_never_sees_masked_particles():
     model, args = tiny_model()
-    x, valid = fake_jets()
-    b1 = diffmae.make_batch(x, valid, args, "cpu", 0, 1)
+    x, p4, valid = fake_jets()
+    b1 = diffmae.make_batch(x, p4, valid, args, "cpu", 0, 1)
     # make_batch's masks for (rank 0, step 1), drawn again: which slots the encoder sees
-    vis_idx, vis_valid, _, _ = diffmae.make_masks(valid, 0.25, "0.25", common.generator(args.seed, "masks", 0, 1))
+    vis_idx, vis_valid, *_ = diffmae.make_masks(valid, 0.25, "0.25",
+                                                common.generator(args.seed, "masks", 0, 1))
     seen = torch.zeros_like(valid)
     for row in range(6):
         seen[row, vis_idx[row][vis_valid[row]]] = True
     x2 = x.clone()
     x2[~seen] = 100.0                                 # hidden particles and padding: large numbers
-    b2 = diffmae.make_batch(x2, valid, args, "cpu", 0, 1)
+    b2 = diffmae.make_batch(x2, p4, valid, args, "cpu", 0, 1)
     enc = lambda b: model.encoder(b["x_vis"], b["vis_valid"])[0][b["vis_valid"]]  # noqa: E731
     torch.testing.assert_close(enc(b1), enc(b2), rtol=0, atol=0)
     assert not torch.equal(b1["x_pred"], b2["x_pred"])              # the targets did change
     x2[0, vis_idx[0, 0], 0] += 1.0                                   # a visible particle does matter
-    assert not torch.allclose(enc(b1), enc(diffmae.make_batch(x2, valid, args, "cpu", 0, 1)))
+    assert not torch.allclose(enc(b1), enc(diffmae.make_batch(x2, p4, valid, args, "cpu", 0, 1)))
 
 
 @pytest.mark.parametrize("feature_mix", [False, True])
@@ -165,7 +208,7 @@ def test_all_padded_rows_finite():
     x[1, :3] = torch.randn(3, 17)
     tokens, _, jet = model.encoder(x, valid)
     assert torch.isfinite(tokens).all() and torch.isfinite(jet).all() and (jet[0] == 0).all()
-    loss = model(**diffmae.make_batch(x.nan_to_num(), valid, args, "cpu", 0, 0))
+    loss = model(**diffmae.make_batch(x.nan_to_num(), torch.zeros(2, 16, 4), valid, args, "cpu", 0, 0))
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
@@ -193,9 +236,8 @@ def test_no_graph_breaks():
 def test_targets_standardised_and_unstandardised_by_the_sampler():
     """Item 11: the loss sees (x - mean) / std; sampling maps back to input units."""
     model, args = tiny_model()
-    x, valid = fake_jets()
     mean, std = torch.linspace(-2, 2, 17), torch.linspace(0.04, 1.2, 17)
-    b = diffmae.make_batch(x, valid, args, "cpu", 0, 0)
+    b = diffmae.make_batch(*fake_jets(), args, "cpu", 0, 0)
     loss_unit = model(**b)
     model.t_mean[:], model.t_std[:] = mean, std
     moved = dict(b, x_pred=b["x_pred"] * std + mean)                 # the same targets in input units
@@ -247,7 +289,7 @@ def test_drop_features_default_closes_the_energy_shortcut():
     assert [names[c] for c in cols] == [n for n in names if n not in ("logptrel", "logerel")]
     assert len(diffmae.encoder_config(diffmae.get_args(["--drop-features", ""]))["input_cols"]) == 17
     model, _ = tiny_model()
-    x, valid = fake_jets()
+    x, _, valid = fake_jets()
     x2 = x.clone()
     x2[..., [2, 3]] += 3.0                                           # logptrel, logerel
     x2[..., [2, 3]] *= valid[..., None]
@@ -279,7 +321,8 @@ def test_flags_validated():
         with pytest.raises(SystemExit):
             diffmae.get_args(bad)
     args = diffmae.get_args(["--preset", "paper", "--mask-ratio", "0.25"])   # explicit flags win
-    assert (args.mask_ratio, args.size, args.drop_features, args.pred_ratio) == (0.25, "8m", "", "1tok")
+    assert (args.mask_ratio, args.size, args.drop_features, args.pred_ratio, args.optimizer) == \
+        (0.25, "8m", "", "1tok", "schedulefree")
 
 
 # --- whole runs on generated jets --------------------------------------------------------------------
@@ -300,13 +343,12 @@ def test_tiny_run_bitwise_deterministic_checkpoint_and_probe_on_val(tmp_path, ti
     assert out.count("val loss") == 3 and out.count(" ms") == 3 and "scored on 10 val jets" in out
     c1, c2 = (common.load_checkpoint(tmp_path / d / "diffmae.pt") for d in "ab")
     assert all(torch.equal(c1["model"][k], c2["model"][k]) for k in c1["model"])
-    # item 11: the target mean/std of the training sample are buffers in the checkpoint
-    sample = common.JetStream("pythia", "train", path=tiny_pythia, n_jets=48, n_max=64, features="full",
-                              batch_size=16, shuffle=False, drop_last=False)
-    x = torch.cat([b["x"][b["valid"]] for b in common.loader(sample, torch.device("cpu"))]).double()
-    torch.testing.assert_close(c1["model"]["t_mean"], x.mean(0).float())
-    assert c1["model"]["t_std"].min() < 0.5 < c1["model"]["t_std"].max()      # not left at 1
+    # item 11: the mean/std of a training sample's targets (in their frame) are buffers
     args = diffmae.get_args(TINY + ["--feature-mix"])
+    sample = common.JetStream("pythia", "train", path=tiny_pythia, n_jets=48, n_max=64,
+                              features="full", batch_size=16, shuffle=False, drop_last=False)
+    torch.testing.assert_close(c1["model"]["t_mean"], diffmae.target_stats(sample, args)[0].float())
+    assert c1["model"]["t_std"].min() < 0.5 < c1["model"]["t_std"].max()      # not left at 1
     model = diffmae.DiffMAE(c1["encoder_config"], args)
     model.load_state_dict(c1["model"])
     assert torch.equal(model.t_std, c1["model"]["t_std"])
@@ -321,15 +363,6 @@ def test_tiny_run_bitwise_deterministic_checkpoint_and_probe_on_val(tmp_path, ti
     assert tokens.shape[:2] == tok_valid.shape and jet.shape == (4, 32) and torch.isfinite(jet).all()
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_pythia):
-    full = run(tmp_path / "full", tiny_pythia, "--epochs", "2")
-    run(tmp_path / "half", tiny_pythia, "--epochs", "1")
-    resumed = run(tmp_path / "half", tiny_pythia, "--epochs", "2", "--resume", str(tmp_path / "half" / "diffmae.pt"))
-    assert resumed["loss"] == full["loss"] and resumed["val_loss"] == full["val_loss"]
-    a, b = (common.load_checkpoint(tmp_path / d / "diffmae.pt")["model"] for d in ("full", "half"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_paper_preset_runs_20_steps(tmp_path, tiny_pythia):
     """The talk's recipe on generated jets, 20 steps on CPU. The test shrinks it to --size tiny (the
     preset's 8m would take minutes here); everything else is the preset's."""
@@ -340,3 +373,104 @@ def test_paper_preset_runs_20_steps(tmp_path, tiny_pythia):
     a = ckpt["args"]
     assert (a["mask_ratio"], a["pred_ratio"], a["drop_features"], a["diff_mul"]) == (0.125, "1tok", "", 4)
     assert len(ckpt["encoder_config"]["input_cols"]) == 17 and ckpt["step"] == 20 and math.isfinite(r["loss"])
+
+
+# --- issue 20: the MSE head, schedule-free AdamW, query ranks, the visible frame, refusals ------
+def test_mse_head_loss_zero_on_a_perfect_prediction():
+    model, args = tiny_model("--head", "mse")
+    assert model.diff is None and isinstance(model.mse, torch.nn.Linear)
+    b = diffmae.make_batch(*fake_jets(), args, "cpu", 0, 0)
+    assert "noise" not in b and "t" not in b                       # nothing to diffuse
+    model.t_mean[:], model.t_std[:] = torch.linspace(-1, 1, 17), torch.linspace(0.5, 2, 17)
+    assert model(**b) > 0
+    target = (b["x_pred"] - model.t_mean) / model.t_std              # the standardised features
+    del model.mse
+    model.mse = lambda z: target                                     # noqa: E731  a perfect head
+    assert model(**b).item() == 0.0
+    model.mse = lambda z: target + 0.5 * b["pred_valid"][..., None]  # noqa: E731
+    assert abs(model(**b).item() - 0.25) < 1e-6
+
+
+def test_bench_gen_refuses_an_mse_checkpoint(tmp_path):
+    args = unit_args("--head", "mse")
+    model = diffmae.DiffMAE(diffmae.encoder_config(args), args)
+    common.save_checkpoint(tmp_path / "m.pt", method="diffmae", args=args, model=model,
+                           encoder=model.encoder, encoder_config=diffmae.encoder_config(args))
+    with pytest.raises(SystemExit, match="--head mse run has no generator"):
+        bench_gen.main(["--ckpt", str(tmp_path / "m.pt")])
+
+
+def test_hidden_ranks_are_a_permutation_per_jet():
+    """--query-rank hidden: with every hidden particle decoded, a jet's query ranks are 0..M-1
+    (M hidden); global ranks are the slots in the jet; none gives one query vector."""
+    x, p4, valid = fake_jets()
+    flags = ["--mask-ratio", "0.25", "--pred-ratio", "0.25"]
+    b = {r: diffmae.make_batch(x, p4, valid, unit_args(*flags, "--query-rank", r), "cpu", 0, 3)
+         for r in ("hidden", "global", "none")}
+    for row in range(len(x)):
+        sel = b["hidden"]["pred_valid"][row]
+        m = int(sel.sum())
+        assert m == (round(0.25 * int(valid[row].sum())) if valid[row].sum() >= 2 else 0) or m == 1
+        assert sorted(b["hidden"]["pred_rank"][row][sel].tolist()) == list(range(m))
+    assert b["global"]["pred_rank"][0][b["global"]["pred_valid"][0]].max() > 6   # not 0..5
+    assert b["none"]["pred_rank"].eq(0).all()
+
+
+def test_visible_frame_features_do_not_see_the_hidden_particles():
+    """--frame visible: the encoder's input is bitwise the same when the hidden particles
+    change (their 4-vectors, and so the data layer's jet axis); with --frame jet it is not."""
+    x0, p4, valid = fake_jets()
+    x = jet_frame(x0, p4, valid)
+    vis_idx, vis_valid, *_ = diffmae.make_masks(valid, 0.25, "0.25",
+                                                common.generator(0, "masks", 0, 2))
+    shown = torch.zeros_like(valid)
+    for row in range(len(valid)):
+        shown[row, vis_idx[row][vis_valid[row]]] = True
+    hidden = valid & ~shown
+    p4b = p4.clone()
+    p4b[hidden] = p4b[hidden] * torch.tensor([3.0, -1.0, 2.0, 3.5])   # moved and harder
+    xb = jet_frame(x0, p4b, valid)
+    for frame, same in (("visible", True), ("jet", False)):
+        args = unit_args("--frame", frame)
+        a, b = (diffmae.make_batch(xx, pp, valid, args, "cpu", 0, 2) for xx, pp in ((x, p4), (xb, p4b)))
+        sel = a["vis_valid"]
+        assert torch.equal(a["x_vis"][sel], b["x_vis"][sel]) == same, frame
+        assert not torch.equal(a["x_pred"], b["x_pred"])              # the targets did change
+    # in its own frame the visible jet is centred: the visible pT . sin(dphi) sums to 0
+    a = diffmae.make_batch(x, p4, valid, unit_args(), "cpu", 0, 2)
+    p4_vis = p4.gather(1, vis_idx[..., None].expand(-1, -1, 4))
+    pt = torch.hypot(p4_vis[..., 0], p4_vis[..., 1]) * vis_valid
+    assert (pt * torch.sin(a["x_vis"][..., -1])).sum(1).abs().max() < 1e-5 * pt.sum(1).max()
+
+
+def test_degenerate_settings_refused_and_short_jets_counted(tmp_path, capsys, monkeypatch):
+    for bad in (["--n-max", "1"], ["--n-max", "4", "--mask-ratio", "0.1"],
+                ["--n-max", "4", "--mask-ratio", "0.9"]):
+        with pytest.raises(SystemExit, match="need at least 1 hidden and 1 visible"):
+            diffmae.get_args(bad)
+    lrs = []
+    set_lr = common.set_lr
+    monkeypatch.setattr(common, "set_lr", lambda opt, lr: (lrs.append(lr), set_lr(opt, lr)))
+    r = memory_run(tmp_path, "--epochs", "1", "--warmup", "0", n_short=5)
+    # --warmup 0 (it divided by zero): the full lr from the first step
+    assert lrs == [1e-3] * 3 and math.isfinite(r["loss"])
+    out = capsys.readouterr().out
+    assert r["short_jets"] == 5 and "5 of 48 training jets had fewer than 2" in out
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "schedulefree"])
+def test_resume_equals_uninterrupted(tmp_path, optimizer):
+    flags = ["--optimizer", optimizer, "--warmup", "2"]
+    full = memory_run(tmp_path / "full", *flags, "--epochs", "2")
+    memory_run(tmp_path / "half", *flags, "--epochs", "1")
+    ckpt = tmp_path / "half" / "diffmae.pt"
+    resumed = memory_run(tmp_path / "half", *flags, "--epochs", "2", "--resume", str(ckpt))
+    assert resumed["loss"] == full["loss"] and resumed["val_loss"] == full["val_loss"]
+    a, b = (common.load_checkpoint(tmp_path / d / "diffmae.pt") for d in ("full", "half"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if optimizer == "schedulefree":  # saved in eval mode: the average x, not the point y
+        group = a["optimizer"]["param_groups"][0]
+        assert group["train_mode"] is False and group["k"] == 6 and group["betas"] == (0.9, 0.95)
+        x = a["model"]["encoder.embed.weight"]
+        y = torch.lerp(x, a["optimizer"]["state"][0]["z"], 1 - 0.9)
+        assert not torch.equal(y, x)

@@ -316,6 +316,29 @@ def test_warmup_default_fits_short_runs(tiny_pythia, tiny_ckpt, tmp_path):
             one_seed(get_args(argv), tmp_path)
 
 
+def test_schedulefree_validates_and_keeps_the_averaged_weights(tiny_pythia, tiny_ckpt, tmp_path,
+                                                               monkeypatch):
+    """--optimizer schedulefree: every validation pass (and the copy of the best weights) runs
+    with the optimizer in eval mode, i.e. on the average x; training steps in train mode; the lr
+    stays at its peak after the warm-up (no cosine)."""
+    made, modes, lrs = [], [], []
+    configure, predict, lr_at = common.configure_optimizer, finetune.predict, common.lr_at
+
+    def spy_predict(*a, split="test", **kw):     # the optimizer's mode at each evaluation
+        modes.append((split, made[0].param_groups[0]["train_mode"]))
+        return predict(*a, split=split, **kw)
+    monkeypatch.setattr(common, "configure_optimizer",
+                        lambda *a, **kw: made.append(configure(*a, **kw)) or made[-1])
+    monkeypatch.setattr(finetune, "predict", spy_predict)
+    monkeypatch.setattr(common, "lr_at", lambda *a: lrs.append(lr_at(*a)) or lrs[-1])
+    argv = ["--ckpt", tiny_ckpt, "--mode", "finetune", "--optimizer", "schedulefree",
+            *flags(tiny_pythia, tmp_path)]
+    run, _ = one_seed(get_args(argv), tmp_path)
+    assert type(made[0]).__name__ == "AdamWScheduleFree" and made[0].param_groups[0]["k"] == 10
+    assert modes[:2] == [("validation", False)] * 2 and np.isfinite(run["metrics"]["auc"])
+    assert lrs[0] == 0.5e-3 and lrs[1:] == [1e-3] * 9                 # --warmup 2, then constant
+
+
 # --- CWoLa ---------------------------------------------------------------------------------------
 
 
