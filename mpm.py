@@ -224,15 +224,19 @@ def masked_batch(batch, args, generator, device):
     mask = make_mask(valid, args.mask_frac, generator)
     if args.frame == "visible":
         x = visible_frame(x, keep["p4"], valid, mask)
-    rows = lambda idx: x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+
+    def rows(idx, ok):  # the selected particles (B, M, F); 0 in the padding slots, which the
+        # sort fills with the other particles (for the visible list: the masked ones)
+        return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])).masked_fill(~ok[..., None],
+                                                                                  0.0)
     valid_m, mask_idx = front(mask)
-    out = dict(x_m=rows(mask_idx), valid_m=valid_m)
+    out = dict(x_m=rows(mask_idx, valid_m), valid_m=valid_m)
     if args.style == "bert":
         out.update(x=x.masked_fill(mask[..., None], 0.0), valid=valid, mask=mask,
                    mask_idx=mask_idx)
     else:
         valid_v, vis_idx = front(valid & ~mask)
-        out.update(x=rows(vis_idx), valid=valid_v)
+        out.update(x=rows(vis_idx, valid_v), valid=valid_v)
     return {k: v.to(device, non_blocking=True) for k, v in out.items()}, int(short.sum())
 
 
