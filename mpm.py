@@ -16,34 +16,32 @@ order is named by its rank k. Two styles (--style):
   order at the head) and predicts its token; a particle-ID task (type x charge), an ID embedding
   at the input and register tokens complete it.
 
-What the inputs can tell about the masked particles (--frame, --drop-features):
-- --frame visible (default): every visible particle's deta, dphi, log pT/pT_axis, log E/E_axis
-  and distance to the axis are measured from the visible particles' summed four-vector, and the
-  targets (and the K-means fit) use the same axis: "where is the hidden particle relative to what
-  you can see". Closed: the visible inputs do not depend on the masked particles at all (a test
-  changes them and compares bitwise), so the angular balance of the jet axis (sum pT sin dphi = 0
-  over all particles) and pT_jet, E_jet no longer carry the masked particles' centroid or total.
-  --frame jet keeps the data layer's jet axis, through which the visible particles give the
-  masked ones' pT-weighted angular centroid (narrowed, not closed, by the default drop below).
-- --drop-features (default logptrel,logerel): with the jet frame, pt_log - logptrel = log pT_jet,
-  so pT_jet minus the visible pT is the masked total; dropping the relative logs closes that.
-  With the visible frame they carry only visible sums; the default still drops them.
-- Not closed, by design or by the data: the number of masked particles (one query or mask token
-  each, so the jet's multiplicity too); the k-th query's rank among the masked particles
-  (--order head); with --order input the global pT rank of each mask token's slot, which places
-  its pT between its visible neighbours' (as v1 had it); what the selection fixes (the jet pT
-  window of the sample); and, at fine-tuning, the encoder sees the jet's own axis (all particles
-  visible), close to but not the data layer's jet axis.
+What the inputs tell about the masked particles (--frame, --drop-features):
+- --frame visible (default): each visible particle's deta, dphi, log pT/pT_axis, log E/E_axis and
+  distance to the axis are measured from the visible particles' summed four-vector; the targets
+  (and the K-means fit) use the same axis: "where is the hidden particle relative to what you can
+  see". Closed: the visible particles' features do not depend on the masked particles (a test
+  changes them and compares bitwise), so neither the jet axis's balance (sum of pT sin dphi over
+  all particles is 0: the masked particles' pT-weighted angular centroid) nor pT_jet and E_jet
+  (the masked totals) reach the encoder.
+- --frame jet: the data layer's jet axis, which includes the masked particles: the centroid
+  above leaks. pt_log - logptrel = log pT_jet and e_log - logerel = log E_jet give the masked
+  totals: the default --drop-features logptrel,logerel closes that part (in both frames).
+- Not closed, by design: the number of masked particles (one query or mask token each), hence the
+  jet's multiplicity; each query's rank among the masked particles (order at the head); with
+  --order input, a mask token's slot rank in the whole jet, which places its pT between those of
+  its visible neighbours (as in v1); and what the sample's selection fixes (its jet pT window).
+  Fine-tuning reads the data layer's features (jet axis): with nothing hidden, the visible axis
+  is the constituents' sum, which is the jet axis up to the --n-max cut.
 
---preset mpm-v1, v1 as far as K-means goes: bert style, order at the head, mask 30%, K = 512
-centroids, cross-entropy without label smoothing and no ID task (v1 has neither; the smoothing
-is our reading of "cross-entropy"). v1's model sizes and optimiser are not in our notes: the
-flags' defaults stay. --preset mpm-v2, v2 as far as published: mae style, encoder 512 wide, 8
-blocks, 8 heads, 8 registers; decoder 128 x 4; mask 0.4; K = 16,384, label smoothing 0.1; ID
-weight 0.3; AdamW lr 1e-3, wd 1e-5, 50k warm-up steps, batch 1000, 1M steps; inputs pT, d0,
-d0err, dz, dzerr, deta, dphi and the ID. v2 reaches (JetClass, 100M jets): probe 84.0%;
-fine-tuned 85.0-85.3% vs 84.3% from scratch (ParT 86.1%); about 68/75/82% at 1k/10k/100k
-labels (scratch 48/60/76%).
+--preset mpm-v1, v1 as far as K-means goes: bert style, order at the head, mask 30%, K = 512,
+plain cross-entropy (our reading: v1 names no smoothing) and no ID task (a v2 addition). v1's
+model size and optimiser are not in our notes: the flags' defaults stay. --preset mpm-v2, v2
+as far as published: mae style, encoder 512 wide, 8 blocks, 8 heads, 8 registers; decoder
+128 x 4; mask 0.4; K = 16,384, label smoothing 0.1; ID weight 0.3; AdamW lr 1e-3, wd 1e-5, 50k
+warm-up steps, batch 1000, 1M steps; inputs pT, d0, d0err, dz, dzerr, deta, dphi and the ID.
+v2 reaches (JetClass, 100M jets): probe 84.0%; fine-tuned 85.0-85.3% vs 84.3% from scratch
+(ParT 86.1%); about 68/75/82% at 1k/10k/100k labels (scratch 48/60/76%).
 
 Deviations: ParT's features (--features auto: "kin" on Top Tagging, which has no ID or impact
 parameters, else "full"), not quantile-transformed ones; targets are v2's 7 quantities (3 with
@@ -207,8 +205,8 @@ def visible_frame(x, p4, valid, mask):
     particles (valid and not masked) alone: nothing of a masked particle enters a visible one's
     features. The masked particles are measured from the same axis (their targets)."""
     seen = (valid & ~mask)[..., None]
-    axis = common.axis_of(torch.where(seen, p4.double(), 0.0).sum(1))   # (B, 4)
-    return common.refeature(x, p4, valid, axis.float())
+    axis = common.axis_of(torch.where(seen, p4.float(), 0.0).sum(1))    # (B, 4)
+    return common.refeature(x, p4, valid, axis)
 
 
 def masked_batch(batch, args, generator, device):
@@ -225,10 +223,9 @@ def masked_batch(batch, args, generator, device):
     if args.frame == "visible":
         x = visible_frame(x, keep["p4"], valid, mask)
 
-    def rows(idx, ok):  # the selected particles (B, M, F); 0 in the padding slots, which the
-        # sort fills with the other particles (for the visible list: the masked ones)
-        return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1])).masked_fill(~ok[..., None],
-                                                                                  0.0)
+    def rows(idx, ok):  # (B, M, F), zeroed where the sort put the other particles (padding)
+        picked = x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+        return picked.masked_fill(~ok[..., None], 0.0)
     valid_m, mask_idx = front(mask)
     out = dict(x_m=rows(mask_idx, valid_m), valid_m=valid_m)
     if args.style == "bert":
