@@ -471,7 +471,8 @@ def train(args, data=None):
     # --- model, optimizer, resume
     enc_cfg = dict(features=args.features, dim=args.dim, heads=args.heads, depth=args.depth,
                    input_cols=input_cols(args.features, args.drop_features),
-                   n_registers=args.n_registers, n_rank=args.n_max * (args.order == "input"))
+                   n_registers=args.n_registers,
+                   n_rank=args.n_max if args.order == "input" else 0)  # ranks 0..n_max-1
     torch.manual_seed(args.seed)
     raw_model = MPM(args, enc_cfg, fit).to(s.device)
     print(f"{sum(p.numel() for p in raw_model.parameters()):,} parameters, of which the encoder "

@@ -21,8 +21,8 @@ finished cell is never redone (rerun the same command to resume) and an interrup
 redone from its start. A failing cell stops the study with one line naming the cell and its log.
 
 --grid METHOD replaces the methods axis by settings of one method (--sweep FLAG=V1,V2 ...,
-cartesian product; diffmae's default is its mask-ratio x pred-ratio grid), each pretrained and
-scored by finetune.py (--finetune-mode probe by default), with the same tables and plots.
+cartesian product; diffmae's default is its mask-ratio x pred-ratio grid, mpm's the three pT
+orders of v1), each pretrained and scored by finetune.py (--finetune-mode probe by default), with the same tables and plots.
 
 GPU (the real study; see the README for the run time):
   python study.py --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass --finetune-data \
@@ -64,8 +64,10 @@ METHODS = ("jjepa", "jetclr", "mpm", "diffmae")
 ENTRY = {"jjepa": (jjepa.get_args, jjepa.train), "jetclr": (jetclr.get_args, jetclr.train),
          "mpm": (mpm.get_args, mpm.train), "diffmae": (diffmae.get_args, diffmae.train),
          "finetune": (finetune.get_args, finetune.main)}
-# grids swept when --grid METHOD comes without --sweep: the DiffMAE talk's mask x pred table
-DEFAULT_SWEEPS = {"diffmae": ["mask-ratio=0.125,0.25,0.5,0.75", "pred-ratio=1tok,0.125,0.25,0.5,0.75"]}
+# grids swept when --grid METHOD comes without --sweep: the DiffMAE talk's mask x pred table,
+# MPM v1's table of where the pT order enters
+DEFAULT_SWEEPS = {"diffmae": ["mask-ratio=0.125,0.25,0.5,0.75", "pred-ratio=1tok,0.125,0.25,0.5,0.75"],
+                  "mpm": ["style=bert", "order=none,input,head"]}
 # (name, results key, higher is better) of the table's columns
 METRICS = [("acc", "acc", True), ("AUC", "auc", True), ("1/eps_B(0.5)", "rej50", True),
            ("1/eps_B(0.3)", "rej30", True), ("epochs to converge", "epochs", False)]
