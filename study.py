@@ -21,8 +21,9 @@ finished cell is never redone (rerun the same command to resume) and an interrup
 redone from its start. A failing cell stops the study with one line naming the cell and its log.
 
 --grid METHOD replaces the methods axis by settings of one method (--sweep FLAG=V1,V2 ...,
-cartesian product; diffmae's default is its mask-ratio x pred-ratio grid, mpm's the three pT
-orders of v1), each pretrained and scored by finetune.py (--finetune-mode probe by default), with the same tables and plots.
+cartesian product; diffmae's default is its mask-ratio x pred-ratio grid, mpm's v1 pT orders),
+each pretrained and scored by finetune.py (--finetune-mode probe by default), with the same
+tables and plots.
 
 GPU (the real study; see the README for the run time):
   python study.py --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass --finetune-data \
