@@ -132,6 +132,9 @@ def get_args(argv=None):
                 f"so a jet needs {MIN_PARTICLES} (shorter jets are dropped and counted)")
     if args.features == "auto":  # the same rule as diffmae.py's
         args.features = "kin" if args.data == "toptagging" else "full"
+    if args.features == "full" and args.data == "toptagging":
+        p.error("--features full: Top Tagging files carry no particle ID or impact parameters "
+                "(they would all read 0); use --features kin")
     names = [common.FEATURE_NAMES[args.features][c] for c in input_cols(args.features)]
     bad = [f"--drop-features: {n!r} is not one of the '{args.features}' inputs {names}"
            for n in args.drop_features.split(",") if n and n not in names]

@@ -225,6 +225,9 @@ def test_too_short_jets_are_refused_at_start_or_dropped_and_counted(capsys):
     with pytest.raises(SystemExit):
         mpm.get_args(["--n-max", "1"])
     assert "--n-max 1: MPM hides at least one particle" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                                # issue 19 item 4
+        mpm.get_args(["--data", "toptagging", "--features", "full"])
+    assert mpm.get_args(["--data", "toptagging"]).features == "kin"
     jets = fake_jets(20)
     jets.valid[:3, 1:] = False                                     # three one-particle jets
     args = mpm.get_args(TINY)
