@@ -31,8 +31,9 @@ finished cell is never redone (rerun the same command to resume) and an interrup
 redone from its start. A failing cell stops the study with one line naming the cell and its log.
 
 --grid METHOD replaces the methods axis by settings of one method (--sweep FLAG=V1,V2 ...,
-cartesian product; diffmae's default is its mask-ratio x pred-ratio grid), each pretrained and
-scored by finetune.py (--finetune-mode probe by default), with the same tables and plots.
+cartesian product; diffmae's default is its mask-ratio x pred-ratio grid, mpm's v1 pT orders),
+each pretrained and scored by finetune.py (--finetune-mode probe by default), with the same
+tables and plots.
 
 CPU study (issue 19 item 6; 2 cores). Data: ten-class jets without MPI for pretraining (50k
 training jets; the 10k set is a class-balanced subset of them), and top vs QCD in the Top
@@ -99,8 +100,10 @@ METHODS = ("jjepa", "jetclr", "mpm", "diffmae")
 ENTRY = {"jjepa": (jjepa.get_args, jjepa.train), "jetclr": (jetclr.get_args, jetclr.train),
          "mpm": (mpm.get_args, mpm.train), "diffmae": (diffmae.get_args, diffmae.train),
          "finetune": (finetune.get_args, finetune.main)}
-# grids swept when --grid METHOD comes without --sweep: the DiffMAE talk's mask x pred table
-DEFAULT_SWEEPS = {"diffmae": ["mask-ratio=0.125,0.25,0.5,0.75", "pred-ratio=1tok,0.125,0.25,0.5,0.75"]}
+# grids swept when --grid METHOD comes without --sweep: the DiffMAE talk's mask x pred table,
+# MPM v1's table of where the pT order enters
+DEFAULT_SWEEPS = {"diffmae": ["mask-ratio=0.125,0.25,0.5,0.75", "pred-ratio=1tok,0.125,0.25,0.5,0.75"],
+                  "mpm": ["style=bert", "order=none,input,head"]}
 # (name, results key, higher is better) of the table's columns
 METRICS = [("acc", "acc", True), ("AUC", "auc", True), ("1/eps_B(0.5)", "rej50", True),
            ("1/eps_B(0.3)", "rej30", True), ("max eps_S/sqrt(eps_B)", "sic", True),

@@ -1,6 +1,7 @@
-"""mpm.py: masking, K-means targets, inputs, determinism, DDP masks, the probe protocol, the
-paper preset. Training runs stream synthetic in-memory jets (common.Jets through
-common.JetStream, via train(args, jets=...)), so the file runs in seconds."""
+"""mpm.py: masking, K-means targets, inputs, v1 (bert) and the pT order, the visible frame,
+degenerate jets, determinism, DDP masks, the probe protocol, the paper presets. Training runs
+stream synthetic in-memory jets (common.Jets through common.JetStream, via
+train(args, data=...)), so the file runs in seconds."""
 import os
 import shutil
 import socket
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import common
+import finetune
 import mpm
 from forked import run_forked
 
@@ -46,21 +48,27 @@ def data(n_train=96, n_val=48):
 
 
 def batch_of(jets):
-    return dict(x=torch.from_numpy(jets.x), valid=torch.from_numpy(jets.valid))
+    return dict(x=torch.from_numpy(jets.x), valid=torch.from_numpy(jets.valid),
+                p4=torch.from_numpy(jets.p4))
 
 
-def tiny_model(seed=0):
-    args = mpm.get_args(TINY)
-    cfg = dict(features="full", input_cols=mpm.input_cols("full", args.drop_features), dim=16,
-               heads=2, depth=1, n_registers=1)
+def tiny_cfg(args):  # the encoder config train() would store for TINY's sizes
+    return dict(features="full", input_cols=mpm.input_cols("full", args.drop_features), dim=16,
+                heads=2, depth=1, n_registers=1, n_rank=N_MAX * (args.order == "input"))
+
+
+def tiny_model(seed=0, argv=()):
+    args = mpm.get_args(TINY + list(argv))
+    cfg = tiny_cfg(args)
     torch.manual_seed(seed)
     fit = dict(centroids=torch.randn(8, 7), mean=torch.zeros(7), std=torch.ones(7))
     return mpm.MPM(args, cfg, fit).eval(), args
 
 
-def split(jets, seed=0):
-    args = mpm.get_args(TINY)
-    return mpm.masked_batch(batch_of(jets), args, torch.Generator().manual_seed(seed), mpm.CPU)
+def split(jets, seed=0, argv=()):
+    args = mpm.get_args(TINY + list(argv))
+    b, _ = mpm.masked_batch(batch_of(jets), args, torch.Generator().manual_seed(seed), mpm.CPU)
+    return b
 
 
 # --- masking ------------------------------------------------------------------------------------
@@ -83,7 +91,7 @@ def test_masked_batch_lists_masked_and_visible_particles_in_pt_order():
     jets = fake_jets(50)
     b = batch_of(jets)
     mask = mpm.make_mask(b["valid"], 0.4, torch.Generator().manual_seed(0))
-    s = split(jets)                                   # draws the same mask from the same seed
+    s = split(jets, argv=["--frame", "jet"])          # draws the same mask from the same seed
     for i in range(50):
         assert torch.equal(s["x_m"][i][s["valid_m"][i]], b["x"][i][mask[i]])
         assert torch.equal(s["x"][i][s["valid"][i]], b["x"][i][b["valid"][i] & ~mask[i]])
@@ -109,12 +117,123 @@ def test_null_tokens_differ_only_by_rank():
     M = 5
     valid_m = torch.ones(8, M, dtype=torch.bool)
     with torch.no_grad():
-        h1, _ = model.decoder_input(*model.encoder(**b1), valid_m)
-        h2, _ = model.decoder_input(*model.encoder(**b2), valid_m)
+        h1, _ = model.decoder_input(*model.encoder(b1["x"], b1["valid"]), valid_m)
+        h2, _ = model.decoder_input(*model.encoder(b2["x"], b2["valid"]), valid_m)
     q1, q2 = h1[:, -M:], h2[:, -M:]
     assert torch.equal(q1, q2)                                     # nothing from the jet
     assert torch.equal(q1, model.null[:M].expand(8, M, -1))        # query k = learned vector k
     assert len({tuple(r.tolist()) for r in q1[0]}) == M            # and ranks differ
+
+
+# --- v1 (bert) and where the pT order enters (issue 20 item 1) --------------------------------
+
+def test_bert_encoder_sees_mask_tokens_at_the_masked_slots():
+    model, _ = tiny_model(argv=["--style", "bert", "--order", "none"])
+    jets = fake_jets(16)
+    changed = fake_jets(16)
+    s1 = split(jets, argv=["--style", "bert"])
+    mask = s1["mask"]
+    changed.x[mask.numpy()] = 5.0                                  # features and ID of masked
+    s2 = split(changed, argv=["--style", "bert"])
+    seen = []
+    model.encoder.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0][:, 1:]))
+    with torch.no_grad():
+        p1, p2 = model.predict(s1), model.predict(s2)
+    h = seen[0]                                                    # (B, N, C), registers cut
+    assert torch.equal(h[mask], model.mask_token.expand(int(mask.sum()), -1))
+    assert not (h[s1["valid"] & ~mask] == model.mask_token).all(-1).any()
+    assert torch.equal(p1, p2) and not torch.equal(s1["x_m"], s2["x_m"])
+
+
+@pytest.mark.parametrize("order", ["none", "input", "head"])
+def test_the_orders_differ_in_where_the_rank_enters(order):
+    """Two mask tokens of one jet are identical inputs: without order they stay identical through
+    the encoder and the head; the input rank separates them in the encoder; the head rank only
+    after it. Every parameter gets a gradient (DDP needs no find_unused_parameters)."""
+    model, _ = tiny_model(argv=["--style", "bert", "--order", order])
+    b = split(fake_jets(16), argv=["--style", "bert"])
+    tokens = model.encoder(b["x"], b["valid"], b["mask"], model.mask_token)[0]
+    at = lambda t, j: t.gather(1, b["mask_idx"][:, j, None, None].expand(-1, 1, t.shape[-1]))
+    pred = model.predict(b)
+    two = b["valid_m"][:, 1]                                       # jets with >= 2 masked
+    same_tokens = torch.allclose(at(tokens, 0)[two], at(tokens, 1)[two], atol=1e-6)
+    same_pred = torch.allclose(pred[two, 0], pred[two, 1], atol=1e-6)
+    assert (same_tokens, same_pred) == {"none": (True, True), "input": (False, False),
+                                        "head": (True, False)}[order]
+    assert (model.encoder.rank is not None) == (order == "input")  # finetune.py keeps it
+    enc = mpm.build_encoder(tiny_cfg(mpm.get_args(TINY + ["--style", "bert", "--order", order])))
+    enc.load_state_dict(model.encoder.state_dict())                # strict: the rank travels
+    model.train()
+    model(b)[0].backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_mae_uses_every_parameter_and_refuses_other_orders():
+    model, _ = tiny_model()
+    model.train()
+    model(split(fake_jets(16)))[0].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert not hasattr(model, "mask_token")
+    with pytest.raises(SystemExit):
+        mpm.get_args(["--order", "input"])                         # mae ranks at its decoder
+
+
+# --- the visible particles' frame (issue 20 item 5) --------------------------------------------
+
+def physical_jets(n, seed=0):
+    """fake_jets with four-vectors around an axis and their features in the jet's own frame,
+    as the data layer makes them (common.refeature from the summed four-vector)."""
+    jets = fake_jets(n, seed=seed)
+    rng = np.random.default_rng(seed)
+    pt = np.exp(rng.normal(size=jets.valid.shape)) * 10
+    eta = 0.7 + 0.2 * rng.normal(size=pt.shape)
+    phi = 3.0 + 0.2 * rng.normal(size=pt.shape)                   # wraps at pi
+    p4 = np.stack([pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta), pt * np.cosh(eta)], -1)
+    jets.p4 = np.where(jets.valid[..., None], p4, 0.0).astype(np.float32)
+    return jet_frame(jets)
+
+
+def jet_frame(jets):
+    p4, valid = torch.from_numpy(jets.p4), torch.from_numpy(jets.valid)
+    axis = common.axis_of(p4.double().sum(1)).float()
+    jets.x = common.refeature(torch.from_numpy(jets.x), p4, valid, axis).numpy()
+    return jets
+
+
+@pytest.mark.parametrize("style", ["mae", "bert"])
+def test_visible_frame_hides_the_masked_particles_from_the_visible_features(style):
+    jets = physical_jets(32)
+    mask = mpm.make_mask(torch.from_numpy(jets.valid), 0.4, torch.Generator().manual_seed(0))
+    changed = physical_jets(32)
+    changed.p4[mask.numpy()] = 3 * changed.p4[mask.numpy()][:, [1, 0, 2, 3]]  # moved, harder
+    changed = jet_frame(changed)                                   # the data layer's jet axis
+    model, _ = tiny_model(argv=["--style", style])
+    for frame, equal in (("visible", True), ("jet", False)):
+        argv = ["--style", style, "--frame", frame]
+        s1, s2 = split(jets, argv=argv), split(changed, argv=argv)
+        assert torch.equal(s1["x"], s2["x"]) == equal, frame
+        assert not torch.equal(s1["x_m"], s2["x_m"])               # the targets did change
+        with torch.no_grad():
+            assert torch.equal(model.predict(s1), model.predict(s2)) == equal, frame
+    # the targets' angles are measured from the visible axis: they change with the frame
+    assert not torch.equal(s1["x_m"], split(jets, argv=["--style", style])["x_m"])
+
+
+# --- degenerate settings (issue 22 item 4) -------------------------------------------------------
+
+def test_too_short_jets_are_refused_at_start_or_dropped_and_counted(capsys):
+    with pytest.raises(SystemExit):
+        mpm.get_args(["--n-max", "1"])
+    assert "--n-max 1: MPM hides at least one particle" in capsys.readouterr().err
+    with pytest.raises(SystemExit):                                # issue 19 item 4
+        mpm.get_args(["--data", "toptagging", "--features", "full"])
+    assert mpm.get_args(["--data", "toptagging"]).features == "kin"
+    jets = fake_jets(20)
+    jets.valid[:3, 1:] = False                                     # three one-particle jets
+    args = mpm.get_args(TINY)
+    b, n_short = mpm.masked_batch(batch_of(jets), args, torch.Generator().manual_seed(0), mpm.CPU)
+    assert n_short == 3 and len(b["valid_m"]) == 17 and b["valid_m"].any(1).all()
+    assert (b["valid"].sum(1) >= 1).all()
 
 
 # --- inputs (issue 12 item 14) ------------------------------------------------------------------
@@ -129,10 +248,11 @@ def test_default_inputs_drop_the_relative_logs_that_leak_the_jet_energy():
     b = batch_of(fake_jets(8))
     other = {k: v.clone() for k, v in b.items()}
     other["x"][..., 2:4] += 3.0                                    # logptrel, logerel
+    jet = lambda b: model.encoder(b["x"], b["valid"])[2]          # noqa: E731
     with torch.no_grad():
-        assert torch.equal(model.encoder(**b)[2], model.encoder(**other)[2])
+        assert torch.equal(jet(b), jet(other))
         other["x"][..., 0] += 3.0                                  # pt_log is still an input
-        assert not torch.equal(model.encoder(**b)[2], model.encoder(**other)[2])
+        assert not torch.equal(jet(b), jet(other))
     with pytest.raises(SystemExit):                                # an ID flag is not an input
         mpm.get_args(["--drop-features", "isPhoton"])
 
@@ -152,7 +272,8 @@ def test_kmeans_labels_exact_where_fp32_and_tf32_math_would_differ():
     must equal a float64 reference; on a GPU this runs with TF32 switched on."""
     g = torch.Generator().manual_seed(0)
     centroids = 300 + torch.randn(512, 7, generator=g)
-    points = centroids[torch.randint(512, (4000,), generator=g)] + torch.randn(4000, 7, generator=g)
+    noise = torch.randn(4000, 7, generator=g)
+    points = centroids[torch.randint(512, (4000,), generator=g)] + noise
     ref = ((points.double()[:, None] - centroids.double()[None]) ** 2).sum(-1).argmin(1)
     fp32 = ((centroids * centroids).sum(1) - 2 * points @ centroids.T).argmin(1)
     assert (fp32 != ref).float().mean() > 0.01                     # the data exposes it
@@ -230,7 +351,8 @@ def test_same_seed_runs_are_bitwise_equal_and_resume_continues_exactly(tmp_path,
 
     monkeypatch.setattr(common, "save_checkpoint", save_and_keep_step3)
     out = []
-    for run, extra in (("a", []), ("b", []), ("resumed", ["--resume", str(tmp_path / "step3.pt")])):
+    resume = ["--resume", str(tmp_path / "step3.pt")]
+    for run, extra in (("a", []), ("b", []), ("resumed", resume)):
         result = mpm.train(mpm.get_args(TINY + ["--out", str(tmp_path / run)] + extra), data())
         out.append((result, torch.load(tmp_path / run / "mpm.pt", weights_only=True)))
     (r1, c1), (r2, c2), (r3, c3) = out
@@ -253,7 +375,8 @@ def test_probe_fits_on_train_and_scores_on_val(tmp_path, monkeypatch, capsys):
     train split and scored on the val split (bounded by --n-eval), and the line says so."""
     calls, real_probe = [], common.linear_probe
     monkeypatch.setattr(common, "linear_probe",
-                        lambda zf, yf, zs, ys: calls.append((yf, ys)) or real_probe(zf, yf, zs, ys))
+                        lambda zf, yf, zs, ys: calls.append((yf, ys))
+                        or real_probe(zf, yf, zs, ys))
     jets = data(96, 60)
     mpm.train(mpm.get_args(TINY + ["--steps", "2", "--n-eval", "40", "--out", str(tmp_path)]),
               jets)
@@ -325,11 +448,34 @@ def test_paper_preset_runs_20_steps(tmp_path):
     small = ["--dim", "32", "--depth", "1", "--heads", "2", "--dec-dim", "32", "--dec-depth", "1",
              "--dec-heads", "2", "--batch-size", "16"]
     argv = ["--preset", "mpm-v2", "--steps", "20", "--n-jets", "1500", "--n-eval", "32",
-            "--n-max", str(N_MAX), "--kmeans-steps", "1", "--device", "cpu", "--out", str(tmp_path)]
+            "--n-max", str(N_MAX), "--kmeans-steps", "1", "--device", "cpu",
+            "--out", str(tmp_path)]
     with pytest.warns(UserWarning, match="warmup 50000 exceeds"):  # the recipe's warm-up is kept
         result = mpm.train(mpm.get_args(argv + small), data(1500, 32))
     assert result["steps"] == 20 and np.isfinite(result["loss"])
-    assert torch.load(tmp_path / "mpm.pt", weights_only=True)["model"]["centroids"].shape == (16384, 7)
+    ckpt = torch.load(tmp_path / "mpm.pt", weights_only=True)
+    assert ckpt["model"]["centroids"].shape == (16384, 7)
+
+
+def test_v1_preset_runs_20_steps_and_finetune_loads_it(tmp_path):
+    """The mpm-v1 recipe (K-means row) with steps, jets and sizes shrunk for a CPU test; the
+    checkpoint goes through finetune.py's loader (bert style: the mask token stays behind)."""
+    args = mpm.get_args(["--preset", "mpm-v1"])
+    assert (args.style, args.order, args.mask_frac, args.k) == ("bert", "head", 0.3, 512)
+    assert (args.label_smoothing, args.id_weight) == (0.0, 0.0)
+    assert mpm.get_args(["--preset", "mpm-v1", "--order", "none"]).order == "none"
+    small = ["--dim", "16", "--depth", "1", "--heads", "2", "--batch-size", "16", "--steps", "20",
+             "--n-jets", "320", "--n-eval", "32", "--n-max", str(N_MAX), "--kmeans-steps", "1",
+             "--device", "cpu", "--out", str(tmp_path)]
+    result = mpm.train(mpm.get_args(["--preset", "mpm-v1"] + small), data(320, 32))
+    assert result["steps"] == 20 and np.isfinite(result["loss"])
+    ckpt = torch.load(tmp_path / "mpm.pt", weights_only=True)
+    assert ckpt["model"]["centroids"].shape == (512, 7) and "mask_token" in ckpt["model"]
+    spec = finetune.load_spec(finetune.get_args(["--ckpt", str(tmp_path / "mpm.pt")]))
+    enc = spec["module"].build_encoder(spec["cfg"])
+    enc.load_state_dict(spec["state"])                             # strict: nothing missing
+    jet = enc(**mpm.encoder_inputs(batch_of(fake_jets(4)), spec["cfg"]))[2]
+    assert torch.isfinite(jet).all() and spec["features"] == "full"
 
 
 def test_forward_compiles_without_graph_breaks():
