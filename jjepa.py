@@ -143,7 +143,7 @@ class SubjetPool(nn.Module):
         super().__init__()
         self.cls = nn.Parameter(torch.zeros(1, 1, W))
         self.norm1, self.norm2 = nn.LayerNorm(W), nn.LayerNorm(W)
-        self.attn, self.mlp = common._Attention(W, heads), common.Mlp(W, 4 * W)
+        self.attn, self.mlp = common.Attention(W, heads), common.Mlp(W, 4 * W)
 
     def forward(self, h, member):
         bias = torch.where(member, 0.0, -1e4)[:, None]  # (B, 1, S, N)
