@@ -20,11 +20,12 @@ Deviations from the paper's public code (whose bugs are avoided):
   P x F particles. The small default adds VICReg terms (2, 0.1) and EMA from 0.99 against
   collapse (generated jets: paper cosine 0.79 -> 0.49, erank 12.5 -> 19.7).
 - The context encoder attends ONLY to context subjets (the official one encodes the whole jet,
-  then selects). Targets still leak in with --context-frame jet (the paper's): features and
-  positions are relative to the whole jet (1 - the context's summed pT fraction gives the
-  targets', correlation 0.999). --context-frame context recomputes logptrel, logerel, deltaR,
-  deta, dphi and positions relative to the context's own 4-vector (target positions for the
-  predictor too); only the number of context subjets still hints at the targets.
+  then selects), in the context's own frame by default: --context-frame context recomputes
+  logptrel, logerel, deltaR, deta, dphi and positions relative to the context's summed
+  4-vector (target positions for the predictor too); only the number of context subjets still
+  hints at the targets. The paper's --context-frame jet leaks them: features and positions
+  relative to the whole jet give the targets' pT fraction (1 - the context's, correlation
+  0.999), so it is no longer the default, for the paper presets either.
 - Masks: round(30%) targets in K fixed slots (the official predictor mask was misaligned),
   drawn by common.generator(seed, "masks", rank, step); EMA advanced once per step (official:
   twice). Loss: MSE to the layer-normed targets (paper), or --loss smooth-l1 (I-JEPA's, beta 1).
@@ -109,9 +110,9 @@ def get_args(argv=None):
     g.add_argument("--target-frac", default=0.3,
                    type=common.number_type(float, lambda v: 0 < v < 1, "a fraction in (0, 1)"),
                    help="fraction of a jet's non-empty subjets used as targets")
-    g.add_argument("--context-frame", default="jet", choices=["jet", "context"],
-                   help="context features relative to the whole jet (paper; leaks) or to the "
-                        "context's own sum")
+    g.add_argument("--context-frame", default="context", choices=["jet", "context"],
+                   help="context features relative to the context's own sum, or to the whole "
+                        "jet (the paper's; leaks the targets' pT fraction)")
     g.add_argument("--loss", choices=["mse", "smooth-l1"], default="mse",
                    help="distance to the layer-normed targets: MSE (paper) or smooth L1 (I-JEPA)")
     g.add_argument("--ema-start", type=common.unit, default=0.99,

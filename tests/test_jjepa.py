@@ -379,7 +379,8 @@ def test_loss_flags_change_the_loss():
         losses[name] = loss_of(model, b, m).item()
     assert all(math.isfinite(v) for v in losses.values())
     assert losses["var"] > losses["mse"] and losses["cov"] > losses["mse"]
-    model, b, m = model_and_batch("--sel", "mlp", "--var-weight", "0", "--cov-weight", "0")
+    model, b, m = model_and_batch("--sel", "mlp", "--var-weight", "0", "--cov-weight", "0",
+                                  "--context-frame", "jet")  # the inputs as given
     mse = loss_of(model, b, m)
     model.loss = "smooth-l1"  # the same weights: only the distance changes
     smooth = loss_of(model, b, m)
@@ -443,6 +444,8 @@ def test_small_preset_defaults_against_collapse():
     (EMA from 0.99, VICReg variance 2 and covariance 0.1 on the context jet vectors)."""
     args = jjepa.get_args([])
     assert (args.ema_start, args.var_weight, args.cov_weight) == (0.99, 2.0, 0.1)
+    # issue 19: the leak-free frame by default (the study runs J-JEPA with its defaults)
+    assert args.context_frame == jjepa.get_args(["--preset", "SjT-T"]).context_frame == "context"
     assert jjepa.get_args(["--var-weight", "0"]).var_weight == 0.0
 
 
