@@ -1378,7 +1378,10 @@ class Mlp(nn.Module):
         return self.fc2(self.norm(self.drop(F.gelu(self.fc1(x)))))
 
 
-class _Attention(nn.Module):
+class Attention(nn.Module):
+    """Multi-head attention: q_in (B, Nq, C) reads kv_in (B, Nk, C) under an additive bias
+    (B, H or 1, Nq, Nk) from attention_bias(). Self-attention when q_in is kv_in."""
+
     def __init__(self, dim, heads, dropout=0.0):
         super().__init__()
         if dim % heads:
@@ -1401,7 +1404,7 @@ class Block(nn.Module):
     def __init__(self, dim, heads, mlp_ratio=4, dropout=0.0):
         super().__init__()
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = _Attention(dim, heads, dropout)
+        self.attn = Attention(dim, heads, dropout)
         self.mlp, self.drop = Mlp(dim, mlp_ratio * dim, dropout=dropout), nn.Dropout(dropout)
 
     def forward(self, x, bias):

@@ -328,17 +328,18 @@ def precise_bn(raw_model, stream, s, inputs):
 # --- data -------------------------------------------------------------------------------------
 
 
-def prepare_batch(batch, classes, min_subjets, encoder_transform):
+def prepare_batch(batch, classes, min_subjets, encoder_transform, subjets=jjepa.SUBJETS):
     """Per-batch work in the loader workers (picklable as a functools.partial): `label` 0..K-1
     from the jet's class (-1: a class the training jets lack; in-memory sets bring their own),
-    `keep` = the --min-subjets selection, then what the encoder's own inputs need."""
+    `keep` = the --min-subjets selection (C/A with the settings `subjets`), then what the
+    encoder's own inputs need."""
     if "label" not in batch:
         at = np.searchsorted(classes, batch["y"]).clip(max=len(classes) - 1)
         batch["label"] = np.where(np.asarray(classes)[at] == batch["y"], at, -1)
     batch["keep"] = np.ones(len(batch["y"]), dtype=bool)
     if min_subjets:
-        sub = common.cluster_subjets(batch["p4"], batch["valid"], "ca", 0.2, n_subjets=20,
-                                     n_per_subjet=30)
+        sub = common.cluster_subjets(batch["p4"], batch["valid"], "ca", subjets["subjet_r"],
+                                     subjets["n_subjets"], subjets["n_per_subjet"])
         batch["keep"] = sub.valid.any(-1).sum(-1) >= min_subjets                 # (B,)
     return encoder_transform(batch) if encoder_transform is not None else batch
 
@@ -369,8 +370,10 @@ def load_spec(args):
         raise SystemExit(f"{args.ckpt}: method {method!r} is not one finetune.py knows "
                          f"({', '.join(sorted(METHODS))}, or the shared encoder)")
     module = common if method in SHARED else METHODS[method]
+    # --min-subjets clusters as the J-JEPA checkpoint did, else as the paper (jjepa's defaults)
+    subjets = {k: cfg.get(k, v) if method == "jjepa" else v for k, v in jjepa.SUBJETS.items()}
     return dict(method=method, module=module, cfg=cfg, state=state, features=features,
-                min_subjets=args.min_subjets,
+                min_subjets=args.min_subjets, subjets=subjets,
                 encoder_transform=None if module is common else module.batch_transform(cfg))
 
 
@@ -405,7 +408,7 @@ def open_data(args, spec, splits=None):
                          "toptagging)")
     names = ["QCD", "top"] if args.data == "toptagging" else [common.CLASSES[c] for c in classes]
     spec.update(classes=names, n_classes=len(classes), transform=functools.partial(
-        prepare_batch, classes=classes, min_subjets=args.min_subjets,
+        prepare_batch, classes=classes, min_subjets=args.min_subjets, subjets=spec["subjets"],
         encoder_transform=spec["encoder_transform"]))
     n = args.n_labels if args.n_labels is not None else round(args.label_frac * train.n)
     n = max(1, min(n, train.n))

@@ -1,4 +1,6 @@
-"""JetCLR: contrastive pretraining of a jet encoder with physical augmentations.
+"""JetCLR: contrastive pretraining of a jet encoder with physical augmentations. Kin-only: the
+encoder reads 4-vectors and recomputes the 7 ParT "kin" features from them (no particle ID, no
+impact parameters), so finetune.py can read it on any data, Top Tagging included.
 
 Idea (Dillon et al., arXiv 2108.04253; scaling study arXiv 2408.09343): two augmented views of a
 jet should map to nearby points on the unit sphere, views of different jets to distant ones. The
@@ -93,10 +95,10 @@ def get_args(argv=None):
                    help="end of run: linear classifier test (fitted on train, scored on val)")
     g.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="a named recipe: its values replace the defaults; flags given still win")
+    pre, _ = p.parse_known_args(argv)
+    if pre.preset:
+        p.set_defaults(**PRESETS[pre.preset])
     args = p.parse_args(argv)
-    if args.preset:
-        p.set_defaults(**PRESETS[args.preset])
-        args = p.parse_args(argv)
     if args.dim % args.heads:
         p.error(f"--dim {args.dim} must be divisible by --heads {args.heads}")
     return args
@@ -145,11 +147,13 @@ def augment(p4, valid, axis, gen, rotate=True, translate=1.0, smear=0.1, split=0
 
     c = to_centred(p4, valid, axis)  # (B, N, 4): pT, deta, dphi, m
     # translation range: peak-to-peak of the real particles, before anything moves them
-    angles, big = torch.where(valid[..., None], c[..., 1:3], torch.nan), torch.finfo(c.dtype).max
+    angles = torch.where(valid[..., None], c[..., 1:3], torch.nan)  # (B, N, 2)
+    big = torch.finfo(c.dtype).max
     extent = (angles.nan_to_num(-big).amax(1) - angles.nan_to_num(big).amin(1)).clamp_min(0)
     if split > 0:
         # rank the real particles in a random order; the k-th chosen one goes to the k-th free slot
-        u, z = rand(B, N), rand(B, N)
+        u = rand(B, N)
+        z = rand(B, N)
         key = torch.where(valid, u, 2.0)  # padding never chosen
         order = key.argsort(dim=1, stable=True)  # (B, N) slot of the particle with rank k
         k = torch.arange(N, device=dev).expand(B, N)
@@ -158,7 +162,7 @@ def augment(p4, valid, axis, gen, rotate=True, translate=1.0, smear=0.1, split=0
         # so valid-first order (which trim_batch relies on) survives
         dest = (valid.long() * N + k).argsort(1)  # (B, N) k-th free slot
         zk = torch.where(chosen, z, 0.0)  # (B, N) fraction carried away by the child of rank k
-        is_mom = torch.tensor([True, False, False, True], device=dev)  # pT and m scale, angles stay
+        is_mom = torch.tensor([True, False, False, True], device=dev)  # pT, m scale; angles stay
         parent = c.gather(1, order[..., None].expand(-1, -1, 4))  # (B, N, 4) per rank
         child = torch.where(is_mom, parent * zk[..., None], parent)
         keep = torch.ones_like(z).scatter(1, order, 1 - zk)  # (B, N) per slot: parent keeps 1 - z
@@ -297,7 +301,8 @@ def val_loss(raw_model, stream, s, args):
     views come from a fresh generator each time, so they never drift (as the public code's did)."""
     raw_model.eval()
     gen = common.generator(args.seed, "val-aug")
-    total, n = 0.0, 0
+    total = 0.0
+    n = 0
     for batch in common.loader(stream, s.device):
         valid, p4, axis = two_views(batch["p4"], batch["valid"], gen, args)
         with s.ctx:
@@ -308,22 +313,24 @@ def val_loss(raw_model, stream, s, args):
     return common.check_val_loss(total / n, f"{args.data} val")
 
 
-def lct(raw_model, cfg, s, args):
+def lct(raw_model, cfg, s, args, source):
     """Linear classifier test: common.linear_probe on frozen, un-augmented readouts, fitted on a
-    bounded sample of the train split and scored on --n-eval val jets."""
+    bounded sample of the train split and scored on --n-eval val jets. source(split): the data
+    of a split (a source name or Jets)."""
     n_fit = min(args.n_eval or 20000, args.n_jets or args.n_eval or 20000)
     kw = dict(path=args.data_dir, n_max=args.n_max, batch_size=args.batch_size, shuffle=False,
               drop_last=False, workers=args.workers, pad=PAD)
 
     def readouts(split, n_jets):  # (N, 2C): [encoder output h, first head layer], labels (N,)
-        stream = common.JetStream(args.data, split, n_jets=n_jets, **kw)
+        stream = common.JetStream(source(split), split, n_jets=n_jets, **kw)
         h, y = common.embed_stream(raw_model.encoder, stream, s.device, s.ctx,
                                    lambda b: encoder_inputs(b, cfg))
         with torch.no_grad():
             g = raw_model.head[1](raw_model.head[0](h.to(s.device))).float().cpu()
         return torch.cat([h, g], 1), y
     (z_fit, y_fit), (z_val, y_val) = readouts("train", n_fit), readouts("val", args.n_eval)
-    result, C = {}, cfg["dim"]
+    result = {}
+    C = cfg["dim"]
     for name, cols in (("repr", slice(0, C)), ("head1", slice(C, 2 * C))):
         m = common.linear_probe(z_fit[:, cols], y_fit, z_val[:, cols], y_val)
         result.update({f"lct_{name}_{k}": v for k, v in m.items() if k != "per_class"})
@@ -333,13 +340,19 @@ def lct(raw_model, cfg, s, args):
     return result
 
 
-def train(args):
+def train(args, data=None):
+    """Pretrain; returns the last evaluation's and the LCT's figures. data: {split: Jets}
+    streamed instead of the --data files (tests)."""
     s = common.setup(args)
     common.claim_output(Path(args.out) / "jetclr.pt", args)
     out = Path(args.out)
+
+    def source(split):  # what a split streams: --data's files, or the jets given
+        return data[split] if data is not None else args.data
+
     # collinear splitting fills free slots: the training stream keeps all n_max of them
     train_stream = common.JetStream(
-        args.data, "train", path=args.data_dir, n_jets=args.n_jets, n_max=args.n_max,
+        source("train"), "train", path=args.data_dir, n_jets=args.n_jets, n_max=args.n_max,
         batch_size=args.batch_size, seed=args.seed, rank=s.rank, world_size=s.world_size,
         shuffle_buffer=args.shuffle_buffer, workers=args.workers, transform=None, pad="n_max")
     cfg = encoder_config(args)
@@ -358,7 +371,7 @@ def train(args):
     if s.master:
         # the validation loss sees as many negatives as a training step: batches of B x W jets
         val_stream = common.JetStream(
-            args.data, "val", path=args.data_dir, n_jets=args.n_eval, n_max=args.n_max,
+            source("val"), "val", path=args.data_dir, n_jets=args.n_eval, n_max=args.n_max,
             batch_size=jets_per_step, shuffle=False, drop_last=False, workers=args.workers,
             pad="n_max")
         n_params = sum(p.numel() for p in raw_model.encoder.parameters())
@@ -369,7 +382,8 @@ def train(args):
                         git=common.git_hash(), versions=common.versions()))
 
     bar = common.progress_bar(total, jets_per_step, start, s.master)
-    result, t0 = dict(loss=float("nan")), time.time()
+    result = dict(loss=float("nan"))
+    t0 = time.time()
     for step, epoch, batch in common.train_batches(train_stream, s.device, args.epochs,
                                                    steps=args.steps, start_step=start):
         # 1. two augmented views; the numbers are a pure function of (seed, rank, step), so a
@@ -390,7 +404,8 @@ def train(args):
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         optimizer.step()
         t1 = time.time()  # nanoGPT's timing: one dt per step, no synchronisation
-        dt, t0 = t1 - t0, t1
+        dt = t1 - t0
+        t0 = t1
         bar.update(jets_per_step)
         if (step + 1) % args.log_every == 0 and s.master:
             lossf = loss.item()
@@ -410,7 +425,7 @@ def train(args):
             t0 = time.time()  # the evaluation is not part of the next step's dt
     bar.close()
     if args.lct and s.master and common.probe_possible(train_stream):
-        result.update(lct(raw_model, cfg, s, args))
+        result.update(lct(raw_model, cfg, s, args, source))
         logger.log(result)
     common.cleanup(s)
     return result

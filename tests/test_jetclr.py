@@ -17,11 +17,11 @@ CPU = torch.device("cpu")
 
 
 def fake_batch(seed=0, B=8, N=32):
-    """Jets at varied (eta, phi), including one with no free slot and one with a single particle."""
+    """Jets at varied (eta, phi), including one with no free slot and one with one particle."""
     g = torch.Generator().manual_seed(seed)
     n = torch.tensor([3, 10, N, 20, 1, 15, 7, 28])[:B]
     valid = torch.arange(N)[None] < n[:, None]
-    pt = 0.05 + 50 * torch.rand(B, N, generator=g) ** 3  # down to 50 MeV: smearing must stay finite
+    pt = 0.05 + 50 * torch.rand(B, N, generator=g) ** 3  # down to 50 MeV: smearing stays finite
     eta = torch.linspace(-2, 2, B)[:, None] + 0.3 * torch.randn(B, N, generator=g)
     phi = torch.linspace(-3, 3, B)[:, None] + 0.3 * torch.randn(B, N, generator=g)
     return p4_of(pt, eta, phi) * valid[..., None], valid
@@ -34,6 +34,12 @@ def p4_of(pt, eta, phi, m=0.14):
 
 def pt_of(p4):
     return torch.hypot(p4[..., 0], p4[..., 1])
+
+
+def view(p4, valid, axis, seed, **only):
+    """One view with only the augmentations named in `only` (NO_AUG otherwise)."""
+    return jetclr.augment(p4, valid, axis, torch.Generator().manual_seed(seed),
+                          **dict(NO_AUG, **only))
 
 
 # --- a tiny JetClass-layout folder ---------------------------------------------------------------
@@ -101,11 +107,13 @@ def test_rotation_and_translation_keep_pt():
         torch.testing.assert_close(pt_of(out), pt_of(p4), rtol=1e-5, atol=1e-5)  # each particle
         assert (out - p4).abs().max() > 1e-2  # the augmentation did move something
     # a translation moves every particle by the same (deta, dphi): the jet's vector pT is kept too
-    out, _ = jetclr.augment(p4, valid, axis, torch.Generator().manual_seed(2), **dict(NO_AUG, translate=1.0))
+    out, _ = view(p4, valid, axis, 2, translate=1.0)
     torch.testing.assert_close(pt_of(out.sum(1)), pt_of(p4.sum(1)), rtol=1e-5, atol=1e-3)
     # a rotation keeps each particle's distance to the jet axis
-    dist = lambda q: (lambda c: torch.hypot(c[..., 1], c[..., 2]))(jetclr.to_centred(q, valid, axis))  # noqa: E731
-    out, _ = jetclr.augment(p4, valid, axis, torch.Generator().manual_seed(3), **dict(NO_AUG, rotate=True))
+    def dist(q):
+        c = jetclr.to_centred(q, valid, axis)
+        return torch.hypot(c[..., 1], c[..., 2])
+    out, _ = view(p4, valid, axis, 3, rotate=True)
     torch.testing.assert_close(dist(out), dist(p4), rtol=1e-4, atol=1e-4)
 
 
@@ -136,7 +144,7 @@ def test_translation_range_is_the_public_codes_measured_before_rotation():
 def test_smearing_keeps_pt_and_stays_finite():
     p4, valid = fake_batch()
     axis = jetclr.jet_axis(p4, valid)
-    out, v = jetclr.augment(p4, valid, axis, torch.Generator().manual_seed(1), **dict(NO_AUG, smear=0.1))
+    out, v = view(p4, valid, axis, 1, smear=0.1)
     assert torch.equal(v, valid) and torch.isfinite(out).all()
     torch.testing.assert_close(pt_of(out), pt_of(p4), rtol=1e-5, atol=1e-5)
     # soft particles move more than hard ones (width 0.1 GeV / pT)
@@ -149,7 +157,7 @@ def test_smearing_keeps_pt_and_stays_finite():
 def test_collinear_split_keeps_four_momentum_and_adds_one_slot_per_split():
     p4, valid = fake_batch()
     axis = jetclr.jet_axis(p4, valid)
-    out, v = jetclr.augment(p4, valid, axis, torch.Generator().manual_seed(1), **dict(NO_AUG, split=0.5))
+    out, v = view(p4, valid, axis, 1, split=0.5)
     torch.testing.assert_close(out.sum(1), p4.sum(1), rtol=1e-5, atol=2e-3)
     # every split leaves a lighter parent in its slot and puts one child into a free slot
     parents = valid & (pt_of(out) < pt_of(p4) * (1 - 1e-6))
@@ -159,7 +167,7 @@ def test_collinear_split_keeps_four_momentum_and_adds_one_slot_per_split():
     # valid-first order survives (the encoder's trimming relies on it)
     assert torch.equal(v, torch.arange(v.shape[1])[None] < v.sum(1, keepdim=True))
     # split everything: each jet doubles, or fills up when there are fewer free slots
-    out, v = jetclr.augment(p4, valid, axis, torch.Generator().manual_seed(2), **dict(NO_AUG, split=1.0))
+    out, v = view(p4, valid, axis, 2, split=1.0)
     assert torch.equal(v.sum(1), torch.minimum(2 * valid.sum(1), torch.tensor(valid.shape[1])))
     torch.testing.assert_close(out.sum(1), p4.sum(1), rtol=1e-5, atol=2e-3)
     # a child is collinear with its parent: the directions after the split are those before
@@ -175,7 +183,8 @@ def test_padding_never_becomes_a_particle():
     # garbage in the padding must neither leak out nor be moved into the jet
     dirty = torch.where(valid[..., None], p4, torch.full_like(p4, 7.0))
     gen = torch.Generator().manual_seed(4)
-    out, v = jetclr.augment(dirty, valid, axis, gen, rotate=True, translate=1.0, smear=0.1, split=0.0)
+    out, v = jetclr.augment(dirty, valid, axis, gen, rotate=True, translate=1.0, smear=0.1,
+                            split=0.0)
     assert torch.equal(v, valid)
     assert (out[~valid] == 0).all()
     out, v = jetclr.augment(p4, valid, axis, gen, rotate=True, translate=1.0, smear=0.1, split=0.5)
@@ -298,7 +307,8 @@ def test_tiny_model_overfits_one_batch():
 def test_tiny_run_is_bitwise_deterministic_and_loads_for_finetuning(tiny_args, tmp_path, folder):
     r1 = jetclr.train(tiny_args("a", "--no-lct"))
     r2 = jetclr.train(tiny_args("b", "--no-lct"))
-    assert np.isfinite(r1["loss"]) and r1["loss"] == r2["loss"] and r1["val_loss"] == r2["val_loss"]
+    assert np.isfinite(r1["loss"]) and r1["loss"] == r2["loss"]
+    assert r1["val_loss"] == r2["val_loss"]
     a, b = (common.load_checkpoint(tmp_path / d / "jetclr.pt") for d in "ab")
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
@@ -327,9 +337,12 @@ def test_resume_continues_bit_for_bit(tiny_args, tmp_path, monkeypatch):
     assert full["loss"] == resumed["loss"] and full["val_loss"] == resumed["val_loss"]
 
 
-def test_validation_with_fewer_jets_than_a_batch_uses_them_all(tiny_args, capsys):
-    """Issue 12 item 7: 20 val jets, batches of 32: one short batch, never "val 0.0000"."""
-    r = jetclr.train(tiny_args("few", "--no-lct", "--n-eval", "20", "--epochs", "1"))
+def test_validation_with_fewer_jets_than_a_batch_uses_them_all(tiny_args, folder, capsys):
+    """Issue 12 item 7: 20 val jets, batches of 32: one short batch, never "val 0.0000". The
+    jets come in memory (train(args, data=...)): the folder's val split holds 96."""
+    data = {split: common.load_jets("jetclass", folder, split, n_jets=n, n_max=32, cache=False)
+            for split, n in (("train", 128), ("val", 20))}
+    r = jetclr.train(tiny_args("few", "--no-lct", "--epochs", "1"), data=data)
     assert np.isfinite(r["val_loss"]) and r["val_loss"] > 1.0  # chance: log(39) = 3.7
     out = capsys.readouterr().out
     assert "step 4/4 (epoch 0): val loss" in out and "over 20 val jets" in out

@@ -1,10 +1,12 @@
-"""jjepa.py: masking, leakage (both context frames), positions, presets, jet selection, seeding,
-collapse measures, EMA, padding, determinism, resume, overfitting, graph breaks and the probe.
-Synthetic jets (1-prong vs 3-prong) stand in for the data, streamed from memory through
+"""jjepa.py: masking, leakage (both context frames), positions, loss, presets, jet selection,
+refused settings, seeding, collapse measures, EMA, padding, determinism, resume, overfitting,
+graph breaks, the probe and finetune.py's subjet settings. Synthetic jets (1-prong vs 3-prong)
+stand in for the data, given to train(args, data=DATA) and streamed from memory through
 common.JetStream exactly as train() streams files: fast, and trivially separable."""
 import json
 import math
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -41,8 +43,9 @@ def make_jets(n, seed, n_max=32):
     eta0, phi0 = rng.uniform(-1.5, 1.5, n), rng.uniform(-np.pi, np.pi, n)
     prong = rng.integers(0, 3, (n, n_max)) % n_prongs[:, None]  # prong of each particle
     angle = 2 * np.pi * prong / 3 + rng.uniform(0, 2 * np.pi, (n, 1))
-    eta = eta0[:, None] + 0.4 * np.cos(angle) * (n_prongs[:, None] > 1) + rng.normal(0, 0.03, (n, n_max))
-    phi = phi0[:, None] + 0.4 * np.sin(angle) * (n_prongs[:, None] > 1) + rng.normal(0, 0.03, (n, n_max))
+    spread = 0.4 * (n_prongs[:, None] > 1)
+    eta = eta0[:, None] + spread * np.cos(angle) + rng.normal(0, 0.03, (n, n_max))
+    phi = phi0[:, None] + spread * np.sin(angle) + rng.normal(0, 0.03, (n, n_max))
     pt = np.sort(rng.exponential(20.0, (n, n_max)) + 1.0, axis=1)[:, ::-1]
     valid = np.arange(n_max) < rng.integers(n_max // 2, n_max + 1, n)[:, None]
     p4 = np.stack([pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta), pt * np.cosh(eta)], -1)
@@ -54,21 +57,18 @@ DATA = {"train": make_jets(256, 0), "val": make_jets(128, 1)}
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    """train() streams these in-memory jets (common.JetStream of a Jets) instead of files."""
-    real = common.JetStream
+    """The folder of the module's runs (their data: train(args, data=DATA))."""
+    return tmp_path_factory.mktemp("jjepa")
 
-    def stream(data, split="train", **kw):
-        return real(DATA[split] if isinstance(data, str) else data, split, **kw)
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(common, "JetStream", stream)
-        yield tmp_path_factory.mktemp("jjepa")
+def run(*argv):
+    return jjepa.train(jjepa.get_args(TINY + list(argv)), data=DATA)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(synthetic):
-    """One tiny run (2 epochs x 4 steps, checkpoints at steps 3, 6 and 8), shared by several tests."""
-    return jjepa.train(jjepa.get_args(TINY + ["--out", str(synthetic / "tiny")]))
+    """One tiny run (2 epochs x 4 steps, checkpoints at steps 3, 6 and 8), shared by tests."""
+    return run("--out", str(synthetic / "tiny"))
 
 
 def tiny(*extra):
@@ -108,7 +108,7 @@ def test_targets_are_nonempty_with_right_count():
     assert tgt_idx.shape == (len(n), 6)
     expected = torch.clamp(torch.minimum(torch.floor(0.3 * n + 0.5).clamp(min=1), n - 1), min=0)
     assert torch.equal(tgt_valid.sum(1), expected)
-    assert torch.gather(nonempty, 1, tgt_idx)[tgt_valid].all(), "a target slot points at an empty subjet"
+    assert torch.gather(nonempty, 1, tgt_idx)[tgt_valid].all(), "a target at an empty subjet"
     assert (context.sum(1) == n - expected).all()
     assert (context.sum(1)[n > 0] >= 1).all(), "a jet lost its whole context"
     target = torch.zeros_like(nonempty).scatter_(1, tgt_idx, tgt_valid)
@@ -136,14 +136,33 @@ def test_context_never_sees_target_tokens():
     assert not torch.allclose(full_a[m["context"]], full_c[m["context"]]), "no effect at all"
 
 
-def test_positions_leave_out_the_subjet_pt_by_default():
-    """Item 1: the predictor is not told a target's pT unless --pos-pt asks for it."""
-    for extra, told in (((), False), (("--pos-pt",), True)):
-        model, b, m = model_and_batch(*extra)
-        assert model.predictor.n_pos == (3 if told else 2)
-        pos = b["pos"].clone()
-        pos[..., 2] += 1.0  # another log pT_sub/pT_jet for every subjet
-        assert (loss_of(model, b, m) != loss_of(model, b, m, pos=pos)) == told
+def prediction(model, b, m, pos):
+    tokens, ctx_valid, _ = model.encoder(b["x"], b["idx"], pos, keep=m["context"])
+    return model.predictor(tokens, ctx_valid, pos, m["tgt_idx"], m["tgt_valid"])
+
+
+@pytest.mark.parametrize("pos_pt", ["log", "fraction", "none"])
+def test_encoders_read_the_subjet_pt_the_predictor_never_the_targets(pos_pt):
+    """Issue 20 item 6: a subjet's pT is in the encoders' positions (unless --pos-pt none); the
+    predictor's output does not change when the targets' pT changes, but does when the
+    context's does; the target encoder sees the targets' pT, so the loss moves."""
+    model, b, m = model_and_batch("--pos-pt", pos_pt)
+    target = torch.zeros_like(m["context"]).scatter_(1, m["tgt_idx"], m["tgt_valid"])
+    tgt_pos, ctx_pos = b["pos"].clone(), b["pos"].clone()
+    tgt_pos[..., 2] -= 1.0 * target  # the targets a factor e softer
+    ctx_pos[..., 2] -= 1.0 * m["context"]
+    with torch.no_grad():
+        pred = prediction(model.eval(), b, m, b["pos"])
+        assert torch.equal(pred, prediction(model, b, m, tgt_pos))
+        moved = (pred - prediction(model, b, m, ctx_pos)).abs().max()
+    assert (moved > 1e-4) == (pos_pt != "none")
+    assert (loss_of(model, b, m) != loss_of(model, b, m, pos=tgt_pos)) == (pos_pt != "none")
+    enc = jjepa.build_encoder(tiny("--pos-pt", pos_pt)[1])
+    assert enc.pos_embed.fc1.in_features == (2 if pos_pt == "none" else 3)
+    assert model.predictor.pos_embed.fc1.in_features == 2
+    # checkpoints written before --pos-pt took a value stored a bool, or nothing (pT was in)
+    assert [jjepa.pos_pt_of(c) for c in ({"pos_pt": True}, {"pos_pt": False}, {})] == \
+        ["log", "none", "log"]
 
 
 def with_target_particles_scaled(b, m, cfg, factor):
@@ -199,15 +218,19 @@ def test_context_frame_of_the_whole_jet_is_the_jet_frame():
 
 
 def test_paper_presets_carry_the_paper_optimisation():
-    """Item 3: lr 1e-4, EMA from 0.99, no warm-up (official code); flags still win."""
+    """Item 3: lr 1e-4, EMA from 0.99, no warm-up (official code); flags win over a preset,
+    wherever they stand on the command line."""
     for preset in ("SjT-T", "AE-SjT-T"):
         args = jjepa.get_args(["--preset", preset])
         assert (args.lr, args.ema_start, args.warmup) == (1e-4, 0.99, 0)
-        args = jjepa.get_args(["--preset", preset, "--lr", "3e-4", "--warmup", "5"])
+        assert (args.dim, args.depth, args.heads, args.pred_dim, args.pred_depth) == \
+            (96, 24, 16, 64, 12)
+        args = jjepa.get_args(["--lr", "3e-4", "--preset", preset, "--warmup", "5"])
         assert (args.lr, args.warmup) == (3e-4, 5)
         assert (args.var_weight, args.cov_weight) == (0.0, 0.0)  # the paper's loss
     small = jjepa.get_args([])
-    assert (small.lr, small.ema_start, small.warmup) == (1e-3, 0.99, None)
+    assert (small.preset, small.lr, small.ema_start, small.warmup) == (None, 1e-3, 0.99, None)
+    assert (small.dim, small.sel, small.sel_dim, small.pred_dim) == (64, "attn", 32, 32)
 
 
 def test_min_subjets_weights_jets_out_of_the_loss():
@@ -216,7 +239,8 @@ def test_min_subjets_weights_jets_out_of_the_loss():
     finetune.py the same selection from a batch or its idx, numpy or torch."""
     model, b, _ = model_and_batch("--min-subjets", "3", "--var-weight", "1", "--cov-weight", "1")
     b["idx"][1:9:2, 2] = -1  # four 3-prong jets lose a subjet: 2 left, so they have a target
-    m = jjepa.sample_targets(b["idx"], tiny("--min-subjets", "3")[0], torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    m = jjepa.sample_targets(b["idx"], tiny("--min-subjets", "3")[0], gen)
     n = jjepa.n_subjets(b)
     assert torch.equal(n, jjepa.n_subjets(b["idx"]))
     assert np.array_equal(jjepa.n_subjets(b["idx"].numpy()), n.numpy())
@@ -270,7 +294,7 @@ def test_bitwise_determinism_and_one_seeding_rule(synthetic, tiny_run, monkeypat
     "masks", rank, step) (validation: (seed, "val-masks")), so no two streams can collide."""
     keys, real = [], common.generator
     monkeypatch.setattr(common, "generator", lambda *k: keys.append(k) or real(*k))
-    again = jjepa.train(jjepa.get_args(TINY + ["--out", str(synthetic / "again")]))
+    again = run("--out", str(synthetic / "again"))
     assert again == tiny_run  # losses, diagnostics, probe
     wa = torch.load(synthetic / "tiny" / "jjepa.pt", weights_only=True)["model"]
     wb = torch.load(synthetic / "again" / "jjepa.pt", weights_only=True)["model"]
@@ -292,11 +316,11 @@ def test_resume_mid_epoch_matches_uninterrupted(synthetic, tiny_run, monkeypatch
     monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
     cut = TINY + ["--out", str(synthetic / "cut")]
     with pytest.raises(KeyboardInterrupt):
-        jjepa.train(jjepa.get_args(cut))
+        jjepa.train(jjepa.get_args(cut), data=DATA)
     monkeypatch.setattr(common, "save_checkpoint", save)
     ckpt = str(synthetic / "cut" / "jjepa.pt")
     assert torch.load(ckpt, weights_only=True)["step"] == 3
-    assert jjepa.train(jjepa.get_args(cut + ["--resume", ckpt])) == tiny_run
+    assert jjepa.train(jjepa.get_args(cut + ["--resume", ckpt]), data=DATA) == tiny_run
     wa = torch.load(synthetic / "tiny" / "jjepa.pt", weights_only=True)["model"]
     wb = torch.load(ckpt, weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -327,15 +351,16 @@ def test_checkpoint_round_trip_gives_the_collapse_measures(synthetic, tiny_run):
     assert abs(tiny_run["paper_cos"] - tiny_run["cos"]) > 1e-3  # two different measures
 
 
-def test_tiny_run_overfits(synthetic):
+def test_tiny_run_overfits(synthetic, capsys):
     """30 steps on the same 32 jets: the prediction loss falls far below its early value."""
     out = synthetic / "overfit"
-    jjepa.train(jjepa.get_args(TINY + ["--n-jets", "32", "--epochs", "30", "--lr", "1e-2",
-                                       "--var-weight", "0", "--cov-weight", "0",
-                                       "--eval-every", "10", "--n-eval", "32", "--out", str(out)]))
+    run("--n-jets", "32", "--epochs", "30", "--lr", "1e-2", "--var-weight", "0",
+        "--cov-weight", "0", "--eval-every", "10", "--n-eval", "32", "--out", str(out))
     log = [json.loads(line) for line in open(out / "jjepa.jsonl")]
     assert log[-1]["step"] == 30
     assert log[-1]["loss"] < 0.5 * log[0]["loss"] and log[-1]["loss"] < 0.2
+    counted = re.search(r"jjepa: (\d+) of the 960 training jets drawn", capsys.readouterr().out)
+    assert counted and 0 < int(counted[1]) < 960  # the 1-prong jets, one subjet each
 
 
 def test_probe_beats_chance(tiny_run):
@@ -345,21 +370,73 @@ def test_probe_beats_chance(tiny_run):
 
 
 def test_loss_flags_change_the_loss():
-    """The optional variance/covariance terms are wired in (not ignored)."""
+    """The optional variance/covariance terms are wired in (not ignored); --loss smooth-l1 is
+    F.smooth_l1_loss (beta 1) on the same predictions and targets: below MSE, above 0."""
     losses = {}
     for name, extra in {"mse": ("0", "0"), "var": ("1", "0"), "cov": ("0", "1")}.items():
-        model, b, m = model_and_batch("--sel", "mlp", "--var-weight", extra[0], "--cov-weight", extra[1])
+        model, b, m = model_and_batch("--sel", "mlp", "--var-weight", extra[0],
+                                      "--cov-weight", extra[1])
         losses[name] = loss_of(model, b, m).item()
     assert all(math.isfinite(v) for v in losses.values())
     assert losses["var"] > losses["mse"] and losses["cov"] > losses["mse"]
+    model, b, m = model_and_batch("--sel", "mlp", "--var-weight", "0", "--cov-weight", "0",
+                                  "--context-frame", "jet")  # the inputs as given
+    mse = loss_of(model, b, m)
+    model.loss = "smooth-l1"  # the same weights: only the distance changes
+    smooth = loss_of(model, b, m)
+    with torch.no_grad():
+        t = model.target_encoder(b["x"], b["idx"], b["pos"])[0]
+        t = torch.nn.functional.layer_norm(t, t.shape[-1:])
+        t = torch.gather(t, 1, m["tgt_idx"][..., None].expand(-1, -1, t.shape[-1]))
+        pred = prediction(model, b, m, b["pos"])
+    valid = m["tgt_valid"]
+    torch.testing.assert_close(mse, (pred - t).pow(2).mean(-1)[valid].mean())
+    huber = torch.nn.functional.smooth_l1_loss(pred, t, reduction="none").mean(-1)
+    torch.testing.assert_close(smooth, huber[valid].mean())
+    assert 0 < smooth < mse
+    assert jjepa.JJEPA(tiny("--loss", "smooth-l1")[1], tiny("--loss", "smooth-l1")[0]).loss == \
+        "smooth-l1"
 
 
 def test_paper_presets_train(synthetic):
+    """Each paper preset trains 20 steps at its recipe (lr, EMA, no warm-up, SEL, plain loss),
+    shrunk in width and depth for a CPU test."""
     for preset in ("SjT-T", "AE-SjT-T"):
-        stats = jjepa.train(jjepa.get_args(["--preset", preset, "--steps", "1", "--batch-size", "8",
-                                            "--n-jets", "16", "--n-eval", "16", "--device", "cpu",
-                                            "--no-compile", "--out", str(synthetic / preset)]))
-        assert stats["step"] == 1 and math.isfinite(stats["val_loss"])
+        args = jjepa.get_args(["--preset", preset, "--steps", "20", "--batch-size", "8",
+                               "--n-jets", "16", "--n-eval", "16", "--device", "cpu",
+                               "--no-compile", "--dim", "32", "--depth", "2", "--heads", "4",
+                               "--pred-depth", "1", "--sel-dim", "32", "--sel-depth", "1",
+                               "--eval-every", "20", "--out", str(synthetic / preset)])
+        assert (args.lr, args.warmup, args.var_weight, args.sel) == \
+            (1e-4, 0, 0.0, "mlp" if preset == "SjT-T" else "attn")
+        stats = jjepa.train(args, data=DATA)
+        assert stats["step"] == 20 and math.isfinite(stats["val_loss"])
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--n-subjets", "1"], "--n-subjets 1 keeps fewer than 2"),
+    (["--n-max", "1"], "--n-max 1 leaves at most one subjet"),
+    (["--min-subjets", "21"], "--min-subjets 21 exceeds --n-subjets 20"),
+])
+def test_degenerate_settings_are_refused_in_one_line(argv, says, capsys):
+    """Issue 22 item 4: a jet needs a context and a target subjet; settings that leave no jet
+    both stop at start, in argparse's one error line."""
+    with pytest.raises(SystemExit):
+        jjepa.get_args(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert ": error: " in last and says in last
+
+
+def test_jets_without_a_target_are_counted(tiny_run):
+    """1-prong jets make one C/A R=0.2 subjet: not both a context and a target, so no loss
+    weight. The evaluation logs their fraction (the run prints their count: overfit test)."""
+    args, cfg = tiny()
+    val = batch_of(DATA["val"][:64], cfg)
+    n = jjepa.n_subjets(val)
+    assert 0 < (n < 2).sum() < len(n)
+    assert tiny_run["no_target"] == pytest.approx(float((n < 2).float().mean()))
+    model, b, m = model_and_batch()
+    assert torch.equal(m["tgt_valid"].any(1), jjepa.n_subjets(b) >= 2)
 
 
 def test_small_preset_defaults_against_collapse():
@@ -367,4 +444,27 @@ def test_small_preset_defaults_against_collapse():
     (EMA from 0.99, VICReg variance 2 and covariance 0.1 on the context jet vectors)."""
     args = jjepa.get_args([])
     assert (args.ema_start, args.var_weight, args.cov_weight) == (0.99, 2.0, 0.1)
+    # issue 19: the leak-free frame by default (the study runs J-JEPA with its defaults)
+    assert args.context_frame == jjepa.get_args(["--preset", "SjT-T"]).context_frame == "context"
     assert jjepa.get_args(["--var-weight", "0"]).var_weight == 0.0
+
+
+def test_finetune_selects_with_the_checkpoints_subjets(tmp_path):
+    """Issue 21: finetune.py's --min-subjets reclusters with the J-JEPA checkpoint's own subjet
+    settings (here C/A R=0.8, which merges a 3-prong jet's prongs), not hard-coded ones; any
+    other method's checkpoint gets the paper's (jjepa.SUBJETS)."""
+    import finetune
+    args, cfg = tiny("--subjet-r", "0.8", "--n-subjets", "10")
+    encoder = jjepa.build_encoder(cfg)
+    ckpt = tmp_path / "jjepa.pt"
+    common.save_checkpoint(ckpt, method="jjepa", args=args, model=encoder, encoder=encoder,
+                           encoder_config=cfg)
+    spec = finetune.load_spec(finetune.get_args(["--ckpt", str(ckpt), "--min-subjets", "2"]))
+    assert spec["subjets"] == dict(subjet_r=0.8, n_subjets=10, n_per_subjet=30)
+    jets = DATA["val"][:16]
+    batch = dict(x=jets.x, p4=jets.p4, valid=jets.valid, y=jets.y, jet=jets.jet)
+    keep = {r: finetune.prepare_batch(dict(batch), np.array([0, 1]), 2, None,
+                                      dict(spec["subjets"], subjet_r=r))["keep"]
+            for r in (0.2, 0.8)}
+    assert keep[0.2].sum() > keep[0.8].sum()  # R=0.2 sees three prongs where 0.8 sees one
+    assert jjepa.SUBJETS == dict(subjet_r=0.2, n_subjets=20, n_per_subjet=30)
