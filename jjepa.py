@@ -13,9 +13,12 @@ Deviations from the paper's public code (whose bugs are avoided):
 - Positions: the official code embeds a subjet's (eta, phi) only. Here both encoders embed
   (deta, dphi) from the frame's axis AND the subjet's own pT (--pos-pt log: log pT_sub/pT_frame;
   fraction: pT_sub/pT_frame; none: the official positions): a subjet's pT is content its
-  encoder may read (from scratch on independent jets, AUC 0.972 without it, 0.979 with it).
-  The predictor's queries for the targets carry (deta, dphi) only: a target's pT is what it
-  must infer, never an input.
+  encoder may read. The predictor's queries for the targets carry (deta, dphi) only: a
+  target's pT is what it must infer, never an input. Measured (finetune.py --scratch, flatten
+  head, 3 seeds, AUC mean +- s.e.): on the default sample at 10% labels (400, 20 steps) none
+  0.789 +- 0.054, log 0.922 +- 0.012; on a jetgen top/QCD set (seed 20, 3,000 jets per class,
+  2,000 labels, 1,800 test jets) log 0.9735 +- 0.0012, fraction 0.9694 +- 0.0003 (paired:
+  log +0.0040 +- 0.0013), so log, the data layer's own form, is the default.
 - SEL "attn" attends within each subjet, then pools it by class attention; "mlp" flattens its
   P x F particles. The small default adds VICReg terms (2, 0.1) and EMA from 0.99 against
   collapse (generated jets: paper cosine 0.79 -> 0.49, erank 12.5 -> 19.7).
@@ -450,8 +453,9 @@ def train(args, data=None):
     model = common.wrap_model(raw_model, s)
     if s.master:
         size = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"  # noqa: E731
+        recipe = args.preset or "small (the defaults)"
         print(f"jjepa: {train_stream.n} train jets/epoch, {val_stream.n} val, {total} steps, "
-              f"{s.device}, {args.preset or 'small (defaults)'}: encoder {size(raw_model.encoder)}, "
+              f"{s.device}, {recipe}: encoder {size(raw_model.encoder)}, "
               f"predictor {size(raw_model.predictor)}, git {common.git_hash()}, "
               f"torch {torch.__version__}")
     eval_every = args.eval_every or len(train_stream)
