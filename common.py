@@ -1567,7 +1567,8 @@ def roc_metrics(y, score):
     Binary (1-D score or C = 2): dict(acc, auc, rej50, rej30, sic), rej = 1/eps_B at eps_S = 0.5,
     0.3 interpolated linearly on the ROC curve; rej is float("inf") when no background passes at
     that signal efficiency, nan when a class is missing; sic = max eps_S / sqrt(eps_B) over the
-    thresholds that >= SIC_MIN_BKG background jets pass (nan when fewer exist). A 1-D score counts as signal above 0.5.
+    thresholds that >= SIC_MIN_BKG background jets pass (nan when fewer exist). A 1-D score
+    counts as signal above 0.5.
     Multi-class: acc = argmax accuracy, per_class = {c: dict(auc, rej50, rej30, sic)} for class
     c >= 1 against QCD (class 0) with the discriminant P_c / (P_c + P_0) on jets of classes c
     and 0 (as ParT), and auc, rej50, rej30, sic = macro means over those classes."""

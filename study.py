@@ -429,8 +429,9 @@ def paired(a, b):
     if len(d) < 2:
         return out
     half = scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-    # every difference equal: no spread to test against (scipy says nan)
-    p = float(scipy.stats.ttest_rel(x, y).pvalue) if d.std() > 0 else math.nan
+    # every difference equal up to rounding: no spread to test against
+    spread = np.ptp(d) > 1e-9 * np.abs(d).max()
+    p = float(scipy.stats.ttest_rel(x, y).pvalue) if spread else math.nan
     return dict(out, lo=float(d.mean() - half), hi=float(d.mean() + half), p=p)
 
 
