@@ -1,0 +1,1 @@
+"""Tools that stand beside the methods: downloads, counting; run as python -m scripts.NAME."""
