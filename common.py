@@ -231,17 +231,6 @@ def refeature(x, p4, valid, axis):
     return torch.where(valid[..., None], new, 0.0).to(x.dtype)
 
 
-def particle_features(p4, valid, jet, deta, dphi, extra=None, features="kin"):
-    """features_flat on padded arrays: p4 (N, M, 4), valid (N, M), jet (N, 4), deta/dphi and
-    the extra arrays (N, M). Returns float32 (N, M, F), zero in padding."""
-    row = np.nonzero(valid)[0]
-    flat_extra = {k: v[valid] for k, v in (extra or {}).items()}
-    x = np.zeros(valid.shape + (len(FEATURE_NAMES[features]),), dtype=np.float32)
-    x[valid] = features_flat(p4[..., 0][valid], p4[..., 1][valid], p4[..., 3][valid],
-                             deta[valid], dphi[valid], jet[row], flat_extra, features)
-    return x
-
-
 MAX_ENERGY = 1e5     # GeV (100 TeV): beyond any collider jet; 1e20 squared overflows fp32
 BAD_FRACTION = 0.1   # a file with more bad constituents than this is rejected, not cleaned
 
@@ -1137,13 +1126,6 @@ def _pair_feats(a, b):
                         torch.log(m2.clamp(min=_EPS))], dim=-1)                # ln m^2
 
 
-def pair_features(p4, valid):
-    """p4 (B, N, 4), valid (B, N) -> (B, N, N, 4) fp32: ln Delta (rapidity-phi distance), ln kT,
-    ln z, ln m^2; zero where either particle is padding. The diagonal (i, i) is kept, as in ParT."""
-    pair_valid = valid[:, :, None] & valid[:, None, :]                          # (B, N, N)
-    return _pair_feats(p4[:, :, None], p4[:, None, :]) * pair_valid[..., None]
-
-
 def attention_bias(valid, pair=None, dtype=torch.float32):
     """Additive attention mask (B, H or 1, N, N) from valid (B, N) and an optional pair bias
     (B, N, N, H). Padded keys get -1e4 rather than -inf, so even an all-padded row has a finite
@@ -1824,7 +1806,7 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
       method          the script that wrote it ("mpm", "jjepa", ..., "part" for supervised)
       args            the argparse Namespace (or dict) of the run
       model           the full model (all weights the run trains, for --resume)
-      encoder         the backbone a fine-tuner needs; rebuilt by build_encoder(method, cfg)
+      encoder         the backbone a fine-tuner needs; rebuilt by its script's build_encoder(cfg)
       encoder_config  dict (or dataclass) of that backbone's constructor arguments
       generators      dict name -> torch.Generator whose state resume must restore
       data            the training stream's `identity` (files' names, sizes, entries): resume
@@ -2027,24 +2009,6 @@ def _data_diffs(saved, now, saved_dir, now_dir):
     return [f"--data-dir: checkpoint {saved_dir!r} ({len(saved)} files), now {now_dir!r} "
             f"({len(now)} files); not in the checkpoint's data: {', '.join(new[:3]) or '-'}; "
             f"missing or changed: {', '.join(gone[:3]) or '-'}"]
-
-
-# --- building encoders from checkpoints ---------------------------------------------------------
-# A checkpoint records its `method` and `encoder_config`. Each method script rebuilds its own
-# encoder with `build_encoder(cfg)` and `encoder_inputs(batch, cfg)` (plus `batch_transform(cfg)`
-# for inputs made in the loader workers); finetune.py and study.py import the scripts by name,
-# common.py never imports them. These two are the same pair for the shared ParT-lite encoder
-# (methods "part", "scratch", "supervised"), so a method whose encoder is this one can reuse them.
-
-
-def build_encoder(cfg):
-    """The shared ParT-lite encoder from its config dict (a checkpoint's `encoder_config`)."""
-    return Encoder(EncoderConfig(**cfg))
-
-
-def encoder_inputs(batch, cfg=None):
-    """Its forward arguments from a stream batch (dict of tensors on the device)."""
-    return dict(x=batch["x"], valid=batch["valid"], p4=batch["p4"])
 
 
 # --- logging ------------------------------------------------------------------------------------
