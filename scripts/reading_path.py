@@ -71,6 +71,11 @@ def count(method, common="common.py"):
     common_lines = sum(last - first + 1 for first, last in statements)
     starts = [spans[name][0] for name in direct]
     jumps = list(zip(starts, starts[1:]))
+    # a reader of a method stops at common.py's internals line, where it has one
+    marker = next((i for i, line in enumerate(Path(common).read_text().splitlines(), 1)
+                   if line.startswith("# === internals")), None)
+    above = sum(min(last, marker) - first + 1 for first, last in statements
+                if marker is not None and first < marker)
     return {
         "method_lines": len(method_text.splitlines()),
         "common_lines": common_lines,
@@ -80,6 +85,7 @@ def count(method, common="common.py"):
         "jumps": len(jumps),
         "backward_jumps": sum(b < a for a, b in jumps),
         "path": starts,
+        "common_lines_above_internals": above if marker is not None else None,
     }
 
 
@@ -94,6 +100,9 @@ def main(argv=None):
           f"(method) + {figures['common_lines']} ({figures['definitions']} common.py definitions,"
           f" {figures['direct_names']} used directly)")
     print(f"jumps: {figures['jumps']}, backwards: {figures['backward_jumps']}")
+    if figures["common_lines_above_internals"] is not None:
+        print(f"of the common.py lines, above the internals line: "
+              f"{figures['common_lines_above_internals']}")
     if args.list:
         print(" -> ".join(map(str, figures["path"])))
 
