@@ -1,1 +1,2 @@
-"""Tools that stand beside the methods: downloads, counting; run as python -m scripts.NAME."""
+"""Tools beside the methods (downloads, the GPU check, benchmarks, counting), run from the
+repository root as `python -m scripts.NAME`."""
