@@ -82,6 +82,7 @@ import functools
 import math
 import os
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -97,7 +98,7 @@ import jjepa
 import mpm
 
 # checkpoints this file reads: method -> the script defining build_encoder(cfg),
-# encoder_inputs(batch, cfg) and batch_transform(cfg); the shared encoder's pair is in common
+# encoder_inputs(batch, cfg) and batch_transform(cfg); the shared encoder's pair is below
 METHODS = {"jjepa": jjepa, "jetclr": jetclr, "mpm": mpm, "diffmae": diffmae}
 SHARED = ("part", "scratch", "supervised")
 KIN_ONLY = ("toptagging",)  # data without particle ID and impact parameters: "full" is refused
@@ -348,6 +349,21 @@ def prepare_batch(batch, classes, min_subjets, encoder_transform, subjets=jjepa.
     return encoder_transform(batch) if encoder_transform is not None else batch
 
 
+def build_encoder(cfg):
+    """The shared ParT-lite encoder from its config dict (a checkpoint's `encoder_config`)."""
+    return common.Encoder(common.EncoderConfig(**cfg))
+
+
+def encoder_inputs(batch, cfg=None):
+    """Its forward arguments from a stream batch (dict of tensors on the device)."""
+    return dict(x=batch["x"], valid=batch["valid"], p4=batch["p4"])
+
+
+# the shared encoder ("part", "scratch", "supervised") behind the same interface as a method
+# module; its inputs need no worker transform
+SHARED_ENCODER = types.SimpleNamespace(build_encoder=build_encoder, encoder_inputs=encoder_inputs)
+
+
 def load_spec(args):
     """Which encoder to build: method, its module, config dict, weights (None = random), features."""
     if args.ckpt is None:
@@ -373,12 +389,12 @@ def load_spec(args):
     if method not in SHARED and method not in METHODS:
         raise SystemExit(f"{args.ckpt}: method {method!r} is not one finetune.py knows "
                          f"({', '.join(sorted(METHODS))}, or the shared encoder)")
-    module = common if method in SHARED else METHODS[method]
+    module = SHARED_ENCODER if method in SHARED else METHODS[method]
     # --min-subjets clusters as the J-JEPA checkpoint did, else as the paper (jjepa's defaults)
     subjets = {k: cfg.get(k, v) if method == "jjepa" else v for k, v in jjepa.SUBJETS.items()}
+    transform = None if module is SHARED_ENCODER else module.batch_transform(cfg)
     return dict(method=method, module=module, cfg=cfg, state=state, features=features,
-                min_subjets=args.min_subjets, subjets=subjets,
-                encoder_transform=None if module is common else module.batch_transform(cfg))
+                min_subjets=args.min_subjets, subjets=subjets, encoder_transform=transform)
 
 
 def make_stream(args, spec, data, split="train", **kw):

@@ -15,6 +15,7 @@ import pytest
 import uproot
 
 import common
+from scripts import download
 
 LABEL_DTYPES = {"QCD": np.float32, "Hbb": bool, "Hcc": bool, "Hgg": bool, "H4q": bool,
                 "Hqql": bool, "Zqq": np.int32, "Wqq": np.int32, "Tbqq": np.int32, "Tbl": np.int32}
@@ -316,7 +317,7 @@ def test_missing_dataset_names_path_and_command(tmp_path):
     with pytest.raises(SystemExit) as e:
         common.load_jets("jetclass", tmp_path / "nowhere", split="val")
     msg = str(e.value)
-    assert "nowhere" in msg and "python common.py download jetclass" in msg and "\n" not in msg
+    assert "nowhere" in msg and "python -m scripts.download jetclass" in msg and "\n" not in msg
     with pytest.raises(SystemExit, match="download toptagging"):
         common.load_jets("toptagging", tmp_path / "nowhere")
 
@@ -395,10 +396,10 @@ def test_fetch_checksum_failure_and_resume(server, tmp_path):
     RangeHandler.files["/f.bin"] = blob
     md5 = hashlib.md5(blob).hexdigest()
     with pytest.raises(SystemExit, match="md5"):
-        common.fetch(server + "/f.bin", tmp_path / "f.bin", md5="0" * 32, progress=False)
+        download.fetch(server + "/f.bin", tmp_path / "f.bin", md5="0" * 32, progress=False)
     assert not (tmp_path / "f.bin").exists() and not (tmp_path / "f.bin.part").exists()
     (tmp_path / "f.bin.part").write_bytes(blob[:123_456])   # an interrupted download
-    common.fetch(server + "/f.bin", tmp_path / "f.bin", md5=md5, progress=False)
+    download.fetch(server + "/f.bin", tmp_path / "f.bin", md5=md5, progress=False)
     assert RangeHandler.ranges[-1] == "bytes=123456-"
     assert (tmp_path / "f.bin").read_bytes() == blob and not (tmp_path / "f.bin.part").exists()
 
@@ -409,13 +410,13 @@ def test_download_cli_extracts_tar(server, tmp_path, jc, monkeypatch):
         tar.add(jc / "val_5M/TTBar_000.root", arcname="val_5M/TTBar_000.root")
     RangeHandler.files["/JetClass_Pythia_val_5M.tar"] = buf.getvalue()
     md5 = hashlib.md5(buf.getvalue()).hexdigest()
-    monkeypatch.setitem(common.DOWNLOADS, ("jetclass", "val"),
+    monkeypatch.setitem(download.DOWNLOADS, ("jetclass", "val"),
                         [(server + "/JetClass_Pythia_val_5M.tar", md5)])
     out = tmp_path / "dl"
-    common.main(["download", "jetclass", "--split", "val", "--dir", str(out), "--no-progress"])
+    download.main(["jetclass", "--split", "val", "--dir", str(out), "--no-progress"])
     assert (out / "val_5M/TTBar_000.root").exists() and not (out / "JetClass_Pythia_val_5M.tar").exists()
     assert len(common.load_jets("jetclass", out, split="val")) == 100
-    common.main(["download", "jetclass", "--split", "val", "--dir", str(out), "--no-progress"])
+    download.main(["jetclass", "--split", "val", "--dir", str(out), "--no-progress"])
     assert len(RangeHandler.ranges) == 1                    # second call: already extracted
 
 

@@ -281,8 +281,9 @@ def test_backbone_lr_schedule():
 
 def test_frozen_then_unfrozen_end_to_end(tiny_pythia, tiny_ckpt, tmp_path, monkeypatch):
     built, snapshots = [], []
-    build = common.build_encoder
-    monkeypatch.setattr(common, "build_encoder", lambda c: built.append(build(c)) or built[-1])
+    build = finetune.build_encoder
+    monkeypatch.setattr(finetune.SHARED_ENCODER, "build_encoder",
+                        lambda c: built.append(build(c)) or built[-1])
     lr_fn = finetune.backbone_lr
 
     def spy(step, head_lr, args):  # called at the start of each step: weights after step - 1
@@ -544,3 +545,20 @@ def test_bad_cli_values_are_usage_errors(bad, capsys):
         get_args(["--scratch", *bad])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and bad[-2] in err[-1], err                # one line, names the flag
+
+
+def test_shared_encoder_pair():
+    """finetune's build_encoder / encoder_inputs: the method-module interface of the shared
+    ParT-lite encoder, which "part" and "scratch" map to (common imports no script)."""
+    cfg = dict(in_dim=3, dim=8, heads=2, depth=1, cls_depth=1, pair_dim=())
+    shared = finetune.SHARED_ENCODER
+    enc = shared.build_encoder(cfg)
+    assert isinstance(enc, common.Encoder)
+    batch = dict(x=torch.zeros(2, 4, 3), valid=torch.ones(2, 4, dtype=torch.bool),
+                 p4=torch.ones(2, 4, 4), y=torch.zeros(2))
+    assert list(shared.encoder_inputs(batch)) == ["x", "valid", "p4"]
+    assert enc(**shared.encoder_inputs(batch))[2].shape == (2, 8)
+    args = finetune.get_args(["--scratch", "--size", "small"])
+    assert finetune.load_spec(args)["module"] is shared
+    import inspect
+    assert "importlib" not in inspect.getsource(common)

@@ -227,23 +227,6 @@ def test_ddp_gloo_two_processes(tmp_path):
     assert torch.equal(r0["weight"], r1["weight"])  # gradients were averaged
 
 
-# --- encoders by method name --------------------------------------------------------------------
-
-
-def test_shared_encoder_pair():
-    """common's build_encoder / encoder_inputs: the method-module interface of the shared
-    ParT-lite encoder (finetune.py maps "part"/"scratch" to it; common imports no script)."""
-    cfg = dict(in_dim=3, dim=8, heads=2, depth=1, cls_depth=1, pair_dim=())
-    enc = common.build_encoder(cfg)
-    assert isinstance(enc, common.Encoder)
-    batch = dict(x=torch.zeros(2, 4, 3), valid=torch.ones(2, 4, dtype=torch.bool),
-                 p4=torch.ones(2, 4, 4), y=torch.zeros(2))
-    assert list(common.encoder_inputs(batch)) == ["x", "valid", "p4"]
-    assert enc(**common.encoder_inputs(batch))[2].shape == (2, 8)
-    import inspect
-    assert "importlib" not in inspect.getsource(common)
-
-
 def test_jsonl_logger(tmp_path):
     log = common.JsonlLogger(tmp_path / "a" / "log.jsonl")
     log.log(dict(step=1, loss=np.float32(0.5), t=torch.tensor(2.0)))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common
+import helpers
 import jjepa
 
 TINY = ["--n-jets", "128", "--n-eval", "64", "--epochs", "2", "--batch-size", "32",
@@ -30,7 +31,7 @@ def from_p4(p4, valid, y):
     pt = np.maximum(np.hypot(p4[..., 0], p4[..., 1]), 1e-8)
     deta = common.signed_deta(np.arcsinh(p4[..., 2] / pt), jet[:, 1:2])
     dphi = common.wrap_phi(np.arctan2(p4[..., 1], p4[..., 0]) - jet[:, 2:3])
-    x = common.particle_features(p4, valid, jet.astype(np.float32), deta, dphi)
+    x = helpers.particle_features(p4, valid, jet.astype(np.float32), deta, dphi)
     return common.Jets(x=x, p4=p4, valid=valid, y=y.astype(np.int64), jet=jet.astype(np.float32))
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import helpers
 
 
 def make_batch(lengths, n=48, in_dim=7, seed=0):
@@ -70,7 +71,7 @@ def test_pair_features_by_hand():
     a = [10.0, 0.0, 0.0, 10.0]
     b = [5 * math.cos(0.3), 5 * math.sin(0.3), 5 * math.sinh(0.4), 5 * math.cosh(0.4)]
     p4 = torch.tensor([[a, b, [1.0, 2.0, 3.0, 4.0]]])
-    f = common.pair_features(p4, torch.tensor([[True, True, False]]))
+    f = helpers.pair_features(p4, torch.tensor([[True, True, False]]))
     delta = 0.5                                                   # sqrt(0.4^2 + 0.3^2)
     m2 = 2 * 10 * 5 * (math.cosh(0.4) - math.cos(0.3))             # massless pair mass
     want = torch.tensor([math.log(delta), math.log(5 * delta), math.log(5 / 15), math.log(m2)])
@@ -82,7 +83,8 @@ def test_pair_features_by_hand():
     rot = torch.tensor([[a, b]]) @ torch.tensor(
         [[math.cos(3.0), math.sin(3.0), 0, 0], [-math.sin(3.0), math.cos(3.0), 0, 0],
          [0, 0, 1, 0], [0, 0, 0, 1]])
-    torch.testing.assert_close(common.pair_features(rot, torch.ones(1, 2, dtype=torch.bool))[0, 0, 1],
+    both = torch.ones(1, 2, dtype=torch.bool)
+    torch.testing.assert_close(helpers.pair_features(rot, both)[0, 0, 1],
                                want, atol=1e-4, rtol=1e-4)
 
 
@@ -171,7 +173,7 @@ def test_pair_bias_triangle_matches_full(model):
     # the encoder embeds only pairs i <= j; the result must equal embedding the full square
     x, valid, p4 = make_batch([20, 7], n=32)
     p4 = torch.where(valid[..., None], p4, 0.0)
-    full = model.pair_embed(common.pair_features(p4, valid))                # (B, N, N, H)
+    full = model.pair_embed(helpers.pair_features(p4, valid))                # (B, N, N, H)
     torch.testing.assert_close(model.pair_bias(p4, valid), full, atol=1e-5, rtol=1e-5)
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 import uproot
 
 import common
+from scripts import download
 from test_data import random_jets, write_jetclass, write_toptagging
 
 
@@ -232,7 +233,7 @@ def fast(mode):
 def test_fetch_retries_and_resumes(server, tmp_path, mode):
     Handler.mode, Handler.bad = mode, 1              # the first try fails, the retry works
     md5 = hashlib.md5(Handler.body).hexdigest()
-    got = common.fetch(server + "/f.bin", tmp_path / "f.bin", md5=md5, **fast(mode))
+    got = download.fetch(server + "/f.bin", tmp_path / "f.bin", md5=md5, **fast(mode))
     assert got.read_bytes() == Handler.body and not (tmp_path / "f.bin.part").exists()
     assert len(Handler.seen) == 2
     if mode != "500":                                # the retry resumed where the cut was
@@ -244,13 +245,13 @@ def test_fetch_gives_up_in_one_line_and_keeps_the_part(server, tmp_path, mode):
     Handler.mode, Handler.bad = mode, 99
     t0 = time.time()
     with pytest.raises(SystemExit) as e:             # no md5: a short file must not pass
-        common.fetch(server + "/f.bin", tmp_path / "f.bin", **fast(mode))
+        download.fetch(server + "/f.bin", tmp_path / "f.bin", **fast(mode))
     assert "3 tries" in str(e.value) and "\n" not in str(e.value) and time.time() - t0 < 20
     assert not (tmp_path / "f.bin").exists()
     part = tmp_path / "f.bin.part"
     assert 0 < part.stat().st_size < len(Handler.body)
     Handler.bad = 0                                  # the next run resumes the part
-    common.fetch(server + "/f.bin", tmp_path / "f.bin", **FAST)
+    download.fetch(server + "/f.bin", tmp_path / "f.bin", **FAST)
     assert (tmp_path / "f.bin").read_bytes() == Handler.body
 
 
@@ -259,7 +260,7 @@ def test_fetch_without_or_with_wrong_range(server, tmp_path, mode):
     part = tmp_path / "f.bin.part"
     part.write_bytes(Handler.body[:20_000])
     Handler.mode, Handler.bad = mode, 1
-    common.fetch(server + "/f.bin", tmp_path / "f.bin", **FAST)
+    download.fetch(server + "/f.bin", tmp_path / "f.bin", **FAST)
     assert (tmp_path / "f.bin").read_bytes() == Handler.body   # never a spliced file
 
 
@@ -268,34 +269,34 @@ def test_fetch_without_or_with_wrong_range(server, tmp_path, mode):
 def test_fetch_errors(server, tmp_path, mode, match):
     Handler.mode, Handler.bad = mode, 99
     with pytest.raises(SystemExit, match=match):
-        common.fetch(server + "/f.bin", tmp_path / "f.bin", **FAST)
+        download.fetch(server + "/f.bin", tmp_path / "f.bin", **FAST)
     assert not (tmp_path / "f.bin").exists()
     assert len(Handler.seen) == (3 if mode == "500" else 1)    # only 5xx is retried
     Handler.seen.clear()
     Handler.body = b"  <html>no type header</html>" + Handler.body
     Handler.mode = "ok"
     with pytest.raises(SystemExit, match="HTML"):
-        common.fetch(server + "/f.bin", tmp_path / "f.bin", **FAST)
+        download.fetch(server + "/f.bin", tmp_path / "f.bin", **FAST)
 
 
 def test_fetch_md5_mismatch_removes_the_part(server, tmp_path):
     with pytest.raises(SystemExit, match="md5"):
-        common.fetch(server + "/f.bin", tmp_path / "f.bin", md5="0" * 32, **FAST)
+        download.fetch(server + "/f.bin", tmp_path / "f.bin", md5="0" * 32, **FAST)
     assert not (tmp_path / "f.bin.part").exists() and not (tmp_path / "f.bin").exists()
 
 
 def test_download_checks_an_existing_file(server, tmp_path, monkeypatch):
     urls = [(server + "/f.bin", None)]
-    monkeypatch.setitem(common.DOWNLOADS, ("toptagging", None), urls)
+    monkeypatch.setitem(download.DOWNLOADS, ("toptagging", None), urls)
     monkeypatch.setattr(common, "_num_entries", lambda source, path: 0)
     out = tmp_path / "tt"
     out.mkdir()
     (out / "f.bin").write_bytes(Handler.body[:1234])  # a truncated file renamed into place
     (out / "x.pt.tmp").write_bytes(b"")              # a stale temporary file
-    common.download("toptagging", out_dir=out, **FAST)
+    download.download("toptagging", out_dir=out, **FAST)
     assert (out / "f.bin").read_bytes() == Handler.body
     assert Handler.seen == ["bytes=1234-"] and not (out / "x.pt.tmp").exists()
-    common.download("toptagging", out_dir=out, **FAST)
+    download.download("toptagging", out_dir=out, **FAST)
     assert len(Handler.seen) == 1                     # complete: kept without a GET
 
 
