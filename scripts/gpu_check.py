@@ -63,7 +63,7 @@ def get_args(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu: the smoke test of this script (tiny models, fp32, no compile)")
     p.add_argument("--data-dir", default=None,
-                   help="a jetgen.py folder to use instead of generating one")
+                   help="a scripts/jetgen.py folder to use instead of generating one")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help="comma-separated sections to run, in this order")
     p.add_argument("--cap-scale", type=float, default=1.0,
@@ -105,7 +105,7 @@ def write(args, name, result):
 def section_data(args):
     if args.data_dir:
         return dict(data_dir=args.data_dir, generated=0)
-    import jetgen
+    from scripts import jetgen
     t0 = time.time()
     jetgen.generate(data_dir(args), classes=("QCD", "Tbqq"), jets_per_class=args.jets_per_class,
                     seed=0, workers=os.cpu_count(), preset="toptagging", progress=False)
@@ -122,7 +122,7 @@ def timed_train(args, name, run):
     from torch.nn.modules.module import register_module_forward_pre_hook
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    import bench_train
+    from scripts import bench_train
     cuda = args.device == "cuda"
     clock = bench_train.StepClock(torch.cuda.synchronize if cuda else (lambda: None))
     hooks = [register_module_forward_pre_hook(clock.forward_pre),
@@ -202,7 +202,7 @@ def section_finetune(args):
 
 
 def section_part(args):
-    import bench_train
+    from scripts import bench_train
     try:
         import weaver.nn.model.ParticleTransformer  # noqa: F401
         weaver = True

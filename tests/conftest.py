@@ -34,7 +34,7 @@ def pytest_unconfigure(config):
 @pytest.fixture(scope="session")
 def tiny_pythia(tmp_path_factory):
     """Two-class (QCD, Tbqq) generated sample in the Top Tagging window, 50 jets per class."""
-    import jetgen
+    from scripts import jetgen
     out = tmp_path_factory.mktemp("pythia2")
     jetgen.generate(out, classes=("QCD", "Tbqq"), jets_per_class=50, seed=1, workers=1,
                     preset="toptagging", progress=False)
@@ -44,7 +44,7 @@ def tiny_pythia(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pythia10(tmp_path_factory):
     """All ten JetClass classes, 8 jets per class."""
-    import jetgen
+    from scripts import jetgen
     out = tmp_path_factory.mktemp("pythia10")
     jetgen.generate(out, classes=jetgen.CLASSES, jets_per_class=8, seed=2, workers=1,
                     preset="jetclass", progress=False)

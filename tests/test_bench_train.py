@@ -4,7 +4,7 @@ import math
 
 import torch
 
-import bench_train
+from scripts import bench_train
 
 
 def test_step_clock_pairs_forwards_with_steps():

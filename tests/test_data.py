@@ -238,7 +238,7 @@ def test_balanced_subset_and_classes(jc):
 
 
 def test_jetgen_round_trip(request):
-    pytest.importorskip("jetgen")
+    pytest.importorskip("scripts.jetgen")
     path = request.getfixturevalue("tiny_pythia")
     j = common.load_jets("pythia", path, split="train", features="full")
     assert len(j) > 0 and set(j.y.tolist()) <= {0, 8} and len(set(j.y.tolist())) == 2
@@ -432,7 +432,7 @@ def test_embedded_default_generated_once(tmp_path, monkeypatch):
                     write_jetclass(out / split / f"{common.PREFIX[c]}_000.root",
                                    random_jets(4, len(calls)), c)
 
-    monkeypatch.setitem(__import__("sys").modules, "jetgen", FakeJetgen)
+    monkeypatch.setitem(__import__("sys").modules, "scripts.jetgen", FakeJetgen)
     monkeypatch.setattr(common, "DATA_DIR", tmp_path / "data")
     j = common.load_jets("pythia")
     assert calls == [(("QCD", "Tbqq"), "toptagging")] and sorted(set(j.y.tolist())) == [0, 8]

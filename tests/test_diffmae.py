@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench_gen
+from scripts import bench_gen
 import common
 import diffmae
 

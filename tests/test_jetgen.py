@@ -1,10 +1,10 @@
-"""jetgen.py: layout and dtypes of the JetClass files, physics of the truth-matched jets,
+"""scripts/jetgen.py: layout and dtypes of the JetClass files, physics of the truth-matched jets,
 determinism and resumability. Uses the session fixtures of conftest.py where it can."""
 import numpy as np
 import pytest
 import uproot
 
-import jetgen
+from scripts import jetgen
 
 PART_FLOAT = ["part_px", "part_py", "part_pz", "part_energy", "part_deta", "part_dphi", "part_d0val",
               "part_d0err", "part_dzval", "part_dzerr", "part_charge"]

@@ -178,7 +178,7 @@ def test_pair_bias_triangle_matches_full(model):
 
 
 def test_bench_smoke():
-    import bench_train
+    from scripts import bench_train
     rows = bench_train.main(bench_train.get_args(
         ["--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--size", "small",
          "--no-weaver", "--no-compile"]))

@@ -18,7 +18,7 @@ import uproot
 import common
 import finetune
 import jetclr
-import study
+from scripts import study
 from test_data import random_jets, write_jetclass
 
 CPU = torch.device("cpu")
@@ -123,7 +123,7 @@ def test_second_run_on_one_checkpoint_names_the_holder(tmp_path):
         with pytest.raises(SystemExit, match=rf"jetclr.pt: another run \(pid {holder.pid}\) is "
                                              "writing it"):
             common.claim_output(tmp_path / "jetclr.pt", argparse.Namespace(resume=None))
-        # study.py takes the same lock on its --out, before any cell is touched
+        # scripts/study.py takes the same lock on its --out, before any cell is touched
         holder2 = ctx.Process(target=_hold, args=(tmp_path / "s" / "study.json", ready, done))
         ready.clear()
         holder2.start()

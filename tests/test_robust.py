@@ -487,8 +487,8 @@ def test_cleanup_waits_for_every_rank(monkeypatch):
 
 def test_pythia_default_without_jetgen_says_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "DATA_DIR", tmp_path / "data")
-    monkeypatch.setitem(sys.modules, "jetgen", None)  # import jetgen -> ImportError
-    with pytest.raises(SystemExit, match="copy jetgen.py beside common.py, or use --data "
+    monkeypatch.setitem(sys.modules, "scripts.jetgen", None)  # import jetgen -> ImportError
+    with pytest.raises(SystemExit, match="copy scripts/jetgen.py too, or use --data "
                                          "toptagging or --data jetclass with --data-dir") as e:
         common.load_jets("pythia")
     assert "\n" not in str(e.value)

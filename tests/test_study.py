@@ -1,4 +1,4 @@
-"""study.py: the measures (mean +- std, paired t, Holm), resume without redoing a finished
+"""scripts/study.py: the measures (mean +- std, paired t, Holm), resume without redoing a finished
 cell, a failing cell's one-line error, and a tiny real study end to end.
 
 Most tests replace study.launch by a fake program that writes what the scripts write (a
@@ -13,7 +13,7 @@ import pytest
 import scipy.stats
 import torch
 
-import study
+from scripts import study
 
 TINY_MODELS = ['jetclr=--dim 16 --depth 1 --cls-depth 1 --heads 2',
                'mpm=--k 16 --dim 16 --depth 1 --heads 2 --dec-dim 16 --dec-depth 1 --dec-heads 2']

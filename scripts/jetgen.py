@@ -3,8 +3,8 @@
 The embedded default data set of nanojet: every script runs on these jets when no real data set
 has been downloaded, and the reader in common.py reads them exactly like real JetClass files.
 
-    python jetgen.py --out data/pythia --classes QCD,Tbqq --jets-per-class 10000 --seed 0 --workers 2
-    python jetgen.py --out data/pythia10 --classes all --preset jetclass --jets-per-class 1000
+    python -m scripts.jetgen --out data/pythia --classes QCD,Tbqq --jets-per-class 10000 --seed 0 --workers 2
+    python -m scripts.jetgen --out data/pythia10 --classes all --preset jetclass --jets-per-class 1000
 
 Physics (generator level, no detector simulation):
 - Processes (pp, sqrt(s) = 13 TeV for preset "jetclass", 14 TeV for "toptagging"):

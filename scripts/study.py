@@ -38,11 +38,11 @@ tables and plots.
 CPU study (issue 19 item 6; 2 cores). Data: ten-class jets without MPI for pretraining (50k
 training jets; the 10k set is a class-balanced subset of them), and top vs QCD in the Top
 Tagging window with MPI and another seed for fine-tuning (20k train, 2k val, 10k test):
-  python jetgen.py --out data/study/pre --preset jetclass --classes all --jets-per-class 6250 \
+  python -m scripts.jetgen --out data/study/pre --preset jetclass --classes all --jets-per-class 6250 \
       --split 0.8,0.1,0.1 --seed 101 --workers 2
-  python jetgen.py --out data/study/ft --preset toptagging --classes QCD,Tbqq --mpi \
+  python -m scripts.jetgen --out data/study/ft --preset toptagging --classes QCD,Tbqq --mpi \
       --jets-per-class 16000 --split 0.625,0.0625,0.3125 --seed 202 --workers 2
-  timeout 90m python study.py --methods jjepa,jetclr,mpm,diffmae --pretrain-data pythia \
+  timeout 90m python -m scripts.study --methods jjepa,jetclr,mpm,diffmae --pretrain-data pythia \
       --pretrain-dir data/study/pre --finetune-data pythia --finetune-dir data/study/ft \
       --pretrain-jets 10000,50000 --pretrain-steps 2000 --labels 100,1000,10000 --seeds 5 \
       --cheap-seeds 10 --finetune-epochs 5 --finetune-min-steps 400 --batch-size 128 \
@@ -59,14 +59,14 @@ about 16,000 pretraining and 120,000 fine-tuning steps. At the ~0.3 s per step (
 included) of the earlier CPU study's small models, that is about 12 hours, some 8 parts; time
 the first part and add --no-probe (about a fifth less) if it must be shorter.
 GPU (the real study; see the README for the run time):
-  python study.py --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass --finetune-data \
+  python -m scripts.study --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass --finetune-data \
       toptagging --pretrain-jets 1000000,10000000 --labels 100,1000,10000,all --seeds 5 \
       --n-eval 20000 --workers 8 --out out/study
 CPU smoke run (generated jets):
-  python study.py --methods jetclr,mpm --pretrain-data pythia --pretrain-dir D1 --finetune-data \
+  python -m scripts.study --methods jetclr,mpm --pretrain-data pythia --pretrain-dir D1 --finetune-data \
       pythia --finetune-dir D2 --pretrain-jets 400,800 --labels 100,all --seeds 2 --steps 10 \
       --device cpu --method-args jetclr="--dim 32 --depth 2" --out OUT
-  python study.py --grid diffmae --pretrain-data pythia --pretrain-dir D1 --finetune-data pythia \
+  python -m scripts.study --grid diffmae --pretrain-data pythia --pretrain-dir D1 --finetune-data pythia \
       --finetune-dir D2 --pretrain-jets 2000 --labels all --seeds 1 --out out/grid
 """
 import argparse
@@ -94,7 +94,7 @@ import jetclr
 import jjepa
 import mpm
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("jjepa", "jetclr", "mpm", "diffmae")
 # in-process entry points (--in-process): each script's own get_args and train/main
 ENTRY = {"jjepa": (jjepa.get_args, jjepa.train), "jetclr": (jetclr.get_args, jetclr.train),

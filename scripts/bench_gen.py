@@ -14,7 +14,7 @@ units the model was trained in, then mapped back to input units). Two checks:
    standard errors of the paired difference. Val batches hold jets of one class after another, so
    the other jet is mostly of the same class: the control asks for more than the class.
 
-    python bench_gen.py --ckpt out/diffmae.pt --n-eval 2000 [--plot gen_check.png]
+    python -m scripts.bench_gen --ckpt out/diffmae.pt --n-eval 2000 [--plot gen_check.png]
 """
 import argparse
 import math
@@ -141,7 +141,7 @@ def main(argv=None):
     run = argparse.Namespace(**{**OLD_RUNS, **ckpt["args"]})
     if run.head != "diffusion":
         raise SystemExit(f"--ckpt {a.ckpt}: a --head {run.head} run has no generator to check; "
-                         "bench_gen.py needs a --head diffusion checkpoint")
+                         "scripts/bench_gen.py needs a --head diffusion checkpoint")
     use_cuda = a.device == "cuda" or (a.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     model = diffmae.DiffMAE(ckpt["encoder_config"], run)

@@ -8,8 +8,8 @@ axis and 17 random input features. Our batches are cut to the longest jet rounde
 forward (its SequenceTrimmer: in training it keeps a random 90-100% quantile of the lengths).
 Untimed warm-up steps first (compilation), then timed steps between cuda synchronize calls.
 
-GPU:  python bench_train.py                       (bf16 autocast, batch 512, eager + compiled)
-CPU:  python bench_train.py --device cpu --batch-size 16 --steps 3      (fp32, eager only)
+GPU:  python -m scripts.bench_train                       (bf16 autocast, batch 512, eager + compiled)
+CPU:  python -m scripts.bench_train --device cpu --batch-size 16 --steps 3      (fp32, eager only)
 
 --method M times one method's own training loop instead (jjepa, jetclr, mpm, diffmae: the
 script's train() on real jets, in this process). Global hooks on every module's forward and every
@@ -17,9 +17,9 @@ optimizer step split each step into "data" (from the end of the previous optimiz
 model's first forward call: batch, masks, augmentations, noise; for jjepa also the EMA update of
 the previous step) and "step" (forward, backward, clipping, optimizer step). It replaces the
 per-phase timers and --bench / --profile flags that used to live in the method scripts:
-  python bench_train.py --method jetclr --data-dir data/pythia10 --device cpu --batch-size 64 \
+  python -m scripts.bench_train --method jetclr --data-dir data/pythia10 --device cpu --batch-size 64 \
       --steps 5 --method-args "--dim 32 --depth 2"
-  python bench_train.py --method diffmae --data jetclass --batch-size 512 --steps 50 \
+  python -m scripts.bench_train --method diffmae --data jetclass --batch-size 512 --steps 50 \
       --method-args "--size 8m --compile"
 """
 import argparse

@@ -2,15 +2,15 @@
 HDF5 read, subjet reclustering, cached loading, and the streaming loader (common.JetStream).
 One process per figure; set OMP_NUM_THREADS=1 for per-core numbers.
 
-    python bench_data.py                 # about a minute on a 2-core CPU
-    python bench_data.py --n-jets 100000 --gen-jets 0
+    python -m scripts.bench_data                 # about a minute on a 2-core CPU
+    python -m scripts.bench_data --n-jets 100000 --gen-jets 0
     # streaming: a JetClass-layout folder (real split names) of >= 1M jets, made by hard-linking
     # generated files under JetClass names (no extra disk), then the loader's figures
-    python jetgen.py --out data/jc10 --classes all --preset jetclass --jets-per-class 20000 --workers 2
-    python bench_data.py --make-folder data/jc_bench --from data/jc10 --copies 7
-    python bench_data.py --stream data/jc_bench
-    python bench_data.py --stream data/jc_bench --workers 8 --n-jets 1000000   # GPU node: >= 50k jets/s?
-    python bench_data.py --peak-rss jjepa.py --data jetclass --data-dir data/jc_bench --steps 50 --workers 2
+    python -m scripts.jetgen --out data/jc10 --classes all --preset jetclass --jets-per-class 20000 --workers 2
+    python -m scripts.bench_data --make-folder data/jc_bench --from data/jc10 --copies 7
+    python -m scripts.bench_data --stream data/jc_bench
+    python -m scripts.bench_data --stream data/jc_bench --workers 8 --n-jets 1000000   # GPU node: >= 50k jets/s?
+    python -m scripts.bench_data --peak-rss jjepa.py --data jetclass --data-dir data/jc_bench --steps 50 --workers 2
 """
 import argparse
 import functools
@@ -162,7 +162,7 @@ def bench_stream(args):
         for workers in (int(w) for w in args.workers.split(",")):
             stream_rate(folder, feats, workers, args.n_jets, sub, args.batch_size)
     for n in (250_000, 1_000_000_000):  # the second: the whole folder
-        subprocess.run([sys.executable, __file__, "--rss-child", str(folder), str(n)], check=True)
+        subprocess.run([sys.executable, "-m", "scripts.bench_data", "--rss-child", str(folder), str(n)], check=True)
 
 
 def main():
@@ -195,13 +195,13 @@ def main():
         cache = tmp / "cache"
         if args.gen_jets:
             try:
-                import jetgen
+                from scripts import jetgen
                 for c in ("QCD", "Tbqq"):
                     timed(lambda: jetgen.generate(tmp / f"gen{c}", classes=(c,), seed=0, workers=1,
                                                   jets_per_class=args.gen_jets, progress=False),
                           args.gen_jets, f"generation, {c}, toptagging preset, 1 process")
             except ImportError:
-                print("generation: jetgen.py not found, skipped")
+                print("generation: scripts/jetgen.py not found, skipped")
 
         write_jetclass_like(tmp / "jc/val_5M/TTBar_000.root", args.n_jets)
         for feats in ("kin", "full"):
@@ -210,7 +210,7 @@ def main():
                          args.n_jets, f"ROOT read + '{feats}' features (uncached)")
 
         # Top Tagging layout: the 300-jet fixture repeated to n_jets rows, zlib as the original
-        fixture = Path(__file__).resolve().parent.parent / "shared/fixtures/toptagging_sample.h5"
+        fixture = Path(__file__).resolve().parents[2] / "shared/fixtures/toptagging_sample.h5"
         if fixture.exists():
             with h5py.File(fixture) as f:
                 rows = f["table/table"][...]
