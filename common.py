@@ -281,7 +281,7 @@ class JetStream(torch.utils.data.IterableDataset):
             if features not in FEATURE_NAMES:
                 raise ValueError(f"features must be one of {list(FEATURE_NAMES)}, got {features!r}")
             self.source, self.jets = data, None
-            self.files = find_files(data, path, split, classes)
+            self.files = _find_files(data, path, split, classes)
             entries = [_num_entries(data, f) for f in self.files]
             # what defines the data, wherever it lies: resume compares it with the checkpoint's
             self.identity = [[Path(f).name, os.stat(f).st_size, e]
@@ -339,7 +339,7 @@ class JetStream(torch.utils.data.IterableDataset):
                      if self.shuffle else np.arange(self.n))
             for a in range(lo, hi, self.chunk):
                 idx = np.sort(order[a:min(a + self.chunk, hi)])  # sorted: reads a memmap in order
-                yield Chunk.from_jets(self.jets[idx], entry=idx, file=np.zeros(len(idx), np.int64),
+                yield _Chunk.from_jets(self.jets[idx], entry=idx, file=np.zeros(len(idx), np.int64),
                                       **{k: np.asarray(v)[idx] for k, v in self.extra.items()})
             return
         ends = np.cumsum([b - a for _, a, b in units])
@@ -396,7 +396,7 @@ class JetStream(torch.utils.data.IterableDataset):
             """Yield batches drawn at random from the buffered chunks (emptying the list); return
             the jets that stay in the buffer. At most two copies of the buffer exist at once."""
             nonlocal made
-            buf = Chunk.join(chunks)
+            buf = _Chunk.join(chunks)
             chunks.clear()
             idx = rng.permutation(len(buf)) if self.shuffle else np.arange(len(buf))
             k = len(buf) if final else (len(buf) - keep) // B * B
@@ -409,7 +409,7 @@ class JetStream(torch.utils.data.IterableDataset):
                     break
                 made += 1
                 if made > skip:  # skipped batches (resume) are read and drawn, never padded
-                    yield self._collate(Chunk(out.x[ends[a]:ends[b]], out.p4[ends[a]:ends[b]],
+                    yield self._collate(_Chunk(out.x[ends[a]:ends[b]], out.p4[ends[a]:ends[b]],
                                               out.n[a:b], {name: v[a:b] for name, v in
                                                            out.per_jet.items()}))
             return rest
@@ -428,7 +428,7 @@ class JetStream(torch.utils.data.IterableDataset):
             _warn_drops(drops, f"{self.source} (rank {self.rank}, worker {w})")
         # a reader that dropped jets (NaN, empty) leaves this worker short: repeat jets it has
         # read, so that every rank still takes the same number of steps (DDP would hang)
-        last = Chunk.join(tail) if self.drop_last and made < n_mine and size else None
+        last = _Chunk.join(tail) if self.drop_last and made < n_mine and size else None
         while last is not None and made < n_mine:
             yield from draw([last.take(rng.integers(0, len(last), B))], final=True)
 
@@ -486,10 +486,10 @@ def load_jets(source, path=None, split="train", n_jets=None, n_max=128, features
         raise ValueError(f"features must be one of {list(FEATURE_NAMES)}, got {features!r}")
     if n_jets is not None and n_jets <= 0:
         raise ValueError(f"n_jets must be positive (or None for all), got {n_jets}")
-    files = find_files(source, path, split, classes)
-    key = cache_key(source=source, files=_file_ids(files), split=split, n_jets=n_jets,
+    files = _find_files(source, path, split, classes)
+    key = _cache_key(source=source, files=_file_ids(files), split=split, n_jets=n_jets,
                     n_max=n_max, features=features, classes=classes)
-    if cache and (hit := cache_load(Jets, key, cache_dir)) is not None:
+    if cache and (hit := _cache_load(Jets, key, cache_dir)) is not None:
         return hit
     drops = {"constituents": 0, "jets": 0}
     chunks = []
@@ -503,7 +503,7 @@ def load_jets(source, path=None, split="train", n_jets=None, n_max=128, features
         raise SystemExit(f"{source} {split}: no jets read from {len(files)} file(s) "
                          f"({', '.join(str(f) for f in files[:3])}{' ...' if len(files) > 3 else ''})"
                          + (f" with n_jets={n_jets}" if n_jets is not None else "; the files are empty"))
-    jets = concat(chunks)
+    jets = _concat(chunks)
     if cache:
         meta = dict(source=source, files=[str(f) for f in files], split=split, n_jets=n_jets,
                     n_max=n_max, features=features, classes=classes, n=len(jets))
@@ -553,7 +553,7 @@ def refeature(x, p4, valid, axis):
     d = in_frame(p4, axis)  # (B, L, 3)
     pt = torch.hypot(p4[..., 0], p4[..., 1]).clamp(min=1e-8)
     energy = p4[..., 3].clamp(min=1e-8)
-    rel = kin_columns(pt, energy, d[..., 0], d[..., 1], axis[:, 0:1], axis[:, 3:4])[2:]
+    rel = _kin_columns(pt, energy, d[..., 0], d[..., 1], axis[:, 0:1], axis[:, 3:4])[2:]
     rel = torch.stack(rel, -1).clamp(-5, 5)
     new = torch.cat([x[..., :2].float(), rel, x[..., 5:-2].float(), d[..., :2]], -1)
     return torch.where(valid[..., None], new, 0.0).to(x.dtype)
@@ -581,7 +581,7 @@ def cluster_subjets(p4, valid, algorithm="ca", R=0.2, n_subjets=20, n_per_subjet
     is no Python loop over jets. Every constituent lands in exactly one subjet; subjets beyond
     n_subjets and constituents beyond n_per_subjet are cut (leading ones kept)."""
     if len(p4) > batch_size:
-        return concat([cluster_subjets(p4[i:i + batch_size], valid[i:i + batch_size], algorithm,
+        return _concat([cluster_subjets(p4[i:i + batch_size], valid[i:i + batch_size], algorithm,
                                        R, n_subjets, n_per_subjet, batch_size)
                        for i in range(0, len(p4), batch_size)])
     import awkward as ak
@@ -958,7 +958,7 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
     if dataclasses.is_dataclass(encoder_config):
         encoder_config = dataclasses.asdict(encoder_config)
     for name, module in (("model", model), ("encoder", encoder)):
-        bad = [k for k, t in (unwrap(module).state_dict().items() if module is not None else ())
+        bad = [k for k, t in (_unwrap(module).state_dict().items() if module is not None else ())
                if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise SystemExit(f"{path}: not saved, {len(bad)} {name} tensors hold NaN/inf (first: "
@@ -968,10 +968,10 @@ def save_checkpoint(path, *, method, args, model, encoder=None, encoder_config=N
         method=method,
         args={k: _plain(v) for k, v in args.items()},
         encoder_config={k: _plain(v) for k, v in (encoder_config or {}).items()},
-        encoder=unwrap(encoder).state_dict() if encoder is not None else None,
-        model=unwrap(model).state_dict(),
+        encoder=_unwrap(encoder).state_dict() if encoder is not None else None,
+        model=_unwrap(model).state_dict(),
         optimizer=optimizer.state_dict() if optimizer is not None else None,
-        rng=rng_state(generators),
+        rng=_rng_state(generators),
         step=step,
         data=data,
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
@@ -1001,11 +1001,11 @@ def resume_from(path, raw_model, optimizer=None, generators=None, args=None, dat
     """Restore weights, optimizer, every RNG and return the step to continue from. With the data
     order derived from (seed, epoch) this continues the run bit for bit (on CPU). Stops with a
     SystemExit listing the differences when the model's parameters (names, shapes) differ from
-    the checkpoint's, or, given `args`, when a RUN_ARGS value or the number of processes does.
+    the checkpoint's, or, given `args`, when a _RUN_ARGS value or the number of processes does.
     data: the training stream's `identity`; other files (names, sizes, entries) than the
     checkpoint's stop the run under --data-dir, a moved but identical folder only warns."""
     ckpt = load_checkpoint(path)
-    model = unwrap(raw_model)
+    model = _unwrap(raw_model)
     have, saved = model.state_dict(), ckpt["model"]
     diffs = [f"{k}: checkpoint {tuple(saved[k].shape)}, model {tuple(have[k].shape)}"
              for k in have if k in saved and saved[k].shape != have[k].shape]
@@ -1015,7 +1015,7 @@ def resume_from(path, raw_model, optimizer=None, generators=None, args=None, dat
         args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
         old = ckpt.get("args") or {}
         diffs += [f"--{k.replace('_', '-')}: checkpoint {old[k]!r}, now {_plain(args[k])!r}"
-                  for k in RUN_ARGS if k in args and k in old and _plain(args[k]) != old[k]]
+                  for k in _RUN_ARGS if k in args and k in old and _plain(args[k]) != old[k]]
         diffs += _data_diffs(ckpt.get("data"), data, old.get("data_dir"),
                              _plain(args.get("data_dir")))
         world = int(os.environ.get("WORLD_SIZE", 1))
@@ -1028,7 +1028,7 @@ def resume_from(path, raw_model, optimizer=None, generators=None, args=None, dat
     model.load_state_dict(saved)
     if optimizer is not None and ckpt["optimizer"] is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"], generators)
+    _set_rng_state(ckpt["rng"], generators)
     return ckpt["step"]
 
 
@@ -1174,13 +1174,13 @@ def collapse_stats(z):
 PREFIX = {"QCD": "ZJetsToNuNu", "Hbb": "HToBB", "Hcc": "HToCC", "Hgg": "HToGG", "H4q": "HToWW4Q",
           "Hqql": "HToWW2Q1L", "Zqq": "ZToQQ", "Wqq": "WToQQ", "Tbqq": "TTBar", "Tbl": "TTBarLep"}
 
-SOURCES = ("pythia", "jetclass", "toptagging")
+_SOURCES = ("pythia", "jetclass", "toptagging")
 # folder names of each split; the first is the real download's, the second jetgen's
 SPLIT_DIRS = {"train": ("train_100M", "train"), "val": ("val_5M", "val"), "test": ("test_20M", "test")}
 PID_BRANCHES = ["part_isChargedHadron", "part_isNeutralHadron", "part_isPhoton", "part_isElectron",
                 "part_isMuon"]
 # size of the embedded default sample: the quickstart must finish in minutes on 2 CPU cores
-PYTHIA_JETS_PER_CLASS = 2500
+_PYTHIA_JETS_PER_CLASS = 2500
 
 DATA_DIR = Path(os.environ.get("NANOJET_DATA", Path(__file__).resolve().parent / "data"))
 
@@ -1190,14 +1190,14 @@ def default_data_dir(source):
     return DATA_DIR / {"jetclass": "JetClass"}.get(source, source)
 
 
-def concat(parts):
+def _concat(parts):
     """Concatenate Jets (or Subjets) chunks along the jet axis."""
     cls = type(parts[0])
     return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
 @dataclass
-class Chunk:
+class _Chunk:
     """Jets stored ragged, as the readers make them and the stream holds them: the particles of
     all jets in one flat array, jet after jet (each jet's particles pT-descending, at most n_max),
     so memory follows the real multiplicity (about 45 of 128 slots on JetClass) and a batch is
@@ -1217,12 +1217,12 @@ class Chunk:
         n = self.n[idx]
         start = (np.cumsum(self.n) - self.n)[idx]
         flat = np.repeat(start - (np.cumsum(n) - n), n) + np.arange(n.sum())
-        return Chunk(self.x[flat], self.p4[flat], n, {k: v[idx] for k, v in self.per_jet.items()})
+        return _Chunk(self.x[flat], self.p4[flat], n, {k: v[idx] for k, v in self.per_jet.items()})
 
     @staticmethod
     def join(chunks):
         cat = lambda get: np.concatenate([get(c) for c in chunks])  # noqa: E731
-        return Chunk(cat(lambda c: c.x), cat(lambda c: c.p4), cat(lambda c: c.n),
+        return _Chunk(cat(lambda c: c.x), cat(lambda c: c.p4), cat(lambda c: c.n),
                      {k: cat(lambda c: c.per_jet[k]) for k in chunks[0].per_jet})
 
     def pad(self, length):
@@ -1243,33 +1243,33 @@ class Chunk:
 
     @staticmethod
     def from_jets(jets, **per_jet):
-        """Padded `Jets` (valid first) -> Chunk; per_jet: more (N, ...) arrays to carry."""
+        """Padded `Jets` (valid first) -> _Chunk; per_jet: more (N, ...) arrays to carry."""
         valid = np.asarray(jets.valid)
-        return Chunk(np.asarray(jets.x)[valid], np.asarray(jets.p4)[valid],
+        return _Chunk(np.asarray(jets.x)[valid], np.asarray(jets.p4)[valid],
                      valid.sum(1).astype(np.int64),
                      dict(y=np.asarray(jets.y).astype(np.int64), jet=np.asarray(jets.jet), **per_jet))
 
 
-MAX_ENERGY = 1e5     # GeV (100 TeV): beyond any collider jet; 1e20 squared overflows fp32
-BAD_FRACTION = 0.1   # a file with more bad constituents than this is rejected, not cleaned
+_MAX_ENERGY = 1e5     # GeV (100 TeV): beyond any collider jet; 1e20 squared overflows fp32
+_BAD_FRACTION = 0.1   # a file with more bad constituents than this is rejected, not cleaned
 
 
-def physical_mask(px, py, pz, energy):
-    """True for a physical constituent: |p| and E at most MAX_ENERGY, E >= 0 and E >= |p|
+def _physical_mask(px, py, pz, energy):
+    """True for a physical constituent: |p| and E at most _MAX_ENERGY, E >= 0 and E >= |p|
     (mass^2 >= 0) up to float32 rounding (massless particles have E == |p|; relative 1e-3 plus
     1e-4 GeV absolute). Computed in float64, so huge inputs neither overflow nor warn."""
     px, py, pz, e = (np.asarray(v, dtype=np.float64) for v in (px, py, pz, energy))
     with np.errstate(invalid="ignore", over="ignore"):
         p = np.sqrt(px * px + py * py + pz * pz)
-        return (p <= MAX_ENERGY) & (e <= MAX_ENERGY) & (e >= 0) & (e + 1e-3 * p + 1e-4 >= p)
+        return (p <= _MAX_ENERGY) & (e <= _MAX_ENERGY) & (e >= 0) & (e + 1e-3 * p + 1e-4 >= p)
 
 
-def assemble(parts, counts, jet, y, n_max, features, drops, entry=None, where="input"):
-    """The one place where every reader's output becomes jets (a ragged `Chunk`).
+def _assemble(parts, counts, jet, y, n_max, features, drops, entry=None, where="input"):
+    """The one place where every reader's output becomes jets (a ragged `_Chunk`).
     parts: dict of flat per-particle arrays, jet by jet (part_px, part_py, part_pz,
     part_energy, part_deta, part_dphi, optional extras), counts (N,), jet (N, 4), y (N,).
-    Drops non-finite and unphysical constituents (physical_mask) and then empty jets, counting
-    both in `drops`; stops when more than BAD_FRACTION of the constituents of `where` (the file
+    Drops non-finite and unphysical constituents (_physical_mask) and then empty jets, counting
+    both in `drops`; stops when more than _BAD_FRACTION of the constituents of `where` (the file
     and entries read) are bad. Sorts each jet's constituents by pT (descending) and keeps the
     first n_max. entry (N,): each jet's entry number in its file (default 0..N-1), kept for the
     jets that survive."""
@@ -1278,13 +1278,13 @@ def assemble(parts, counts, jet, y, n_max, features, drops, entry=None, where="i
     finite = np.ones(len(row), dtype=bool)
     for v in parts.values():
         finite &= np.isfinite(v)
-    physical = physical_mask(*(parts[k] for k in ("part_px", "part_py", "part_pz", "part_energy")))
+    physical = _physical_mask(*(parts[k] for k in ("part_px", "part_py", "part_pz", "part_energy")))
     drops["unphysical"] = drops.get("unphysical", 0) + int((finite & ~physical).sum())
     finite &= physical
     n_bad = int((~finite).sum())
-    if n_bad > BAD_FRACTION * len(row):
+    if n_bad > _BAD_FRACTION * len(row):
         raise SystemExit(f"{where}: {n_bad} of {len(row)} constituents are NaN/inf or unphysical "
-                         f"(|p| or E above {MAX_ENERGY:g} GeV, E < 0 or E < |p|); the file is "
+                         f"(|p| or E above {_MAX_ENERGY:g} GeV, E < 0 or E < |p|); the file is "
                          "corrupt or not in GeV")
     drops["constituents"] += n_bad
     if not finite.all():
@@ -1310,17 +1310,17 @@ def assemble(parts, counts, jet, y, n_max, features, drops, entry=None, where="i
     x = features_flat(parts["part_px"], parts["part_py"], parts["part_energy"], parts["part_deta"],
                       wrap_phi(parts["part_dphi"]), jet[row], parts, features)
     entry = np.arange(len(keep)) if entry is None else np.asarray(entry)
-    return Chunk(x, p4.astype(np.float32), np.minimum(counts, n_max),
+    return _Chunk(x, p4.astype(np.float32), np.minimum(counts, n_max),
                  dict(y=y, jet=jet, entry=entry[keep].astype(np.int64)))
 
 
 # Each reader opens one file and yields `Jets` chunks for entries [start, stop).
 
 
-KIN_BRANCHES = ["part_px", "part_py", "part_pz", "part_energy", "part_deta", "part_dphi"]
-FULL_BRANCHES = KIN_BRANCHES + ["part_charge"] + PID_BRANCHES + [
+_KIN_BRANCHES = ["part_px", "part_py", "part_pz", "part_energy", "part_deta", "part_dphi"]
+_FULL_BRANCHES = _KIN_BRANCHES + ["part_charge"] + PID_BRANCHES + [
     "part_d0val", "part_d0err", "part_dzval", "part_dzerr"]
-JET_BRANCHES = ["jet_pt", "jet_eta", "jet_phi", "jet_energy"]
+_JET_BRANCHES = ["jet_pt", "jet_eta", "jet_phi", "jet_energy"]
 
 
 def _open_root(path):
@@ -1350,7 +1350,7 @@ def _num_entries(source, path):
     return _open_root(path).num_entries
 
 
-def read_root(path, start, stop, n_max, features, drops, step=50_000):
+def _read_root(path, start, stop, n_max, features, drops, step=50_000):
     """JetClass layout (real files and jetgen output)."""
     import awkward as ak
     try:
@@ -1366,7 +1366,7 @@ def read_root(path, start, stop, n_max, features, drops, step=50_000):
     nested = "part_px" not in names and "part" in names
     if nested:
         names |= {f"part_{k}" for k in tree.arrays(["part"], entry_stop=1)["part"].fields}
-    branches = (FULL_BRANCHES if features == "full" else KIN_BRANCHES) + JET_BRANCHES
+    branches = (_FULL_BRANCHES if features == "full" else _KIN_BRANCHES) + _JET_BRANCHES
     for b in branches:
         if b not in names:
             raise SystemExit(f"{path}: branch '{b}' is missing (expected the JetClass layout)")
@@ -1398,15 +1398,15 @@ def read_root(path, start, stop, n_max, features, drops, step=50_000):
                 raise SystemExit(f"{path}: branch '{b}' has another number of particles than "
                                  f"'{branches[0]}' in {int((n != counts).sum())} of {len(n)} jets")
             parts[b] = ak.to_numpy(ak.flatten(v)).astype(np.float32)
-        for b in JET_BRANCHES + labels:
+        for b in _JET_BRANCHES + labels:
             if arr[b].ndim != 1:
                 raise SystemExit(f"{path}: branch '{b}' has type {arr[b].type.content}, expected "
                                  "one number per jet")
-        jet = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in JET_BRANCHES], -1)
+        jet = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in _JET_BRANCHES], -1)
         onehot = np.stack([ak.to_numpy(arr[b]).astype(np.float32) for b in labels], -1)
         _check_onehot(onehot, where)
         y = label_idx[onehot.argmax(-1)]
-        yield assemble(parts, counts, jet, y, n_max, features, drops,
+        yield _assemble(parts, counts, jet, y, n_max, features, drops,
                        np.arange(a, a + len(y)), where)
 
 
@@ -1419,7 +1419,7 @@ def _check_onehot(onehot, where):
                          f"(of {len(n_set)} jets)")
 
 
-BLOSC_FILTERS = {32001: "blosc", 32026: "blosc2"}
+_BLOSC_FILTERS = {32001: "blosc", 32026: "blosc2"}
 
 
 def _open_h5(path):
@@ -1440,8 +1440,8 @@ def _open_h5(path):
     plist = table.id.get_create_plist()
     for i in range(plist.get_nfilters()):
         code = plist.get_filter(i)[0]
-        if code in BLOSC_FILTERS and not h5py.h5z.filter_avail(code):
-            raise SystemExit(f"{path} is {BLOSC_FILTERS[code]}-compressed and h5py cannot "
+        if code in _BLOSC_FILTERS and not h5py.h5z.filter_avail(code):
+            raise SystemExit(f"{path} is {_BLOSC_FILTERS[code]}-compressed and h5py cannot "
                              "decompress it: pip install hdf5plugin")
     return f, table
 
@@ -1457,7 +1457,7 @@ def _h5_columns(table, block):
     return [line[1:] for line in lines if line.startswith("V")]
 
 
-def read_h5(path, start, stop, n_max, features, drops, step=50_000):
+def _read_h5(path, start, stop, n_max, features, drops, step=50_000):
     """Top Tagging reference dataset: 200 (E, px, py, pz) per jet, zero-padded."""
     f, table = _open_h5(path)
     names0 = _h5_columns(table, "values_block_0")
@@ -1502,11 +1502,11 @@ def read_h5(path, start, stop, n_max, features, drops, step=50_000):
             parts = {"part_px": px, "part_py": py, "part_pz": pz, "part_energy": e,
                      "part_deta": signed_deta(eta, jet_eta[row]),
                      "part_dphi": wrap_phi(phi - jet_phi[row])}
-            yield assemble(parts, counts, jet, y, n_max, features, drops, np.arange(a, b),
+            yield _assemble(parts, counts, jet, y, n_max, features, drops, np.arange(a, b),
                            f"{path} (rows {a}-{b})")
 
 
-READERS = {"pythia": read_root, "jetclass": read_root, "toptagging": read_h5}
+READERS = {"pythia": _read_root, "jetclass": _read_root, "toptagging": _read_h5}
 
 
 def _missing(source, searched, root, split):
@@ -1516,14 +1516,14 @@ def _missing(source, searched, root, split):
     return f"no {source} data found at {searched}; get it with: {cmd}"
 
 
-def find_files(source, path=None, split="train", classes=None):
+def _find_files(source, path=None, split="train", classes=None):
     """The files of one split, sorted; for jetclass/pythia only those of `classes`."""
-    if source not in SOURCES:
-        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    if source not in _SOURCES:
+        raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
     if split not in SPLIT_DIRS:
         raise ValueError(f"split must be one of {list(SPLIT_DIRS)}, got {split!r}")
     if path is None and source == "pythia":
-        ensure_pythia()
+        _ensure_pythia()
     root = Path(path) if path is not None else default_data_dir(source)
     if source == "toptagging":
         if classes is not None:
@@ -1551,7 +1551,7 @@ def find_files(source, path=None, split="train", classes=None):
     return files
 
 
-def ensure_pythia():
+def _ensure_pythia():
     """Embedded default: generate data/pythia once (QCD vs Tbqq in the Top Tagging window)."""
     out = default_data_dir("pythia")
     done = out / ".complete"  # written last: an interrupted generation resumes next time
@@ -1564,9 +1564,9 @@ def ensure_pythia():
                          f"importable ({e}): copy scripts/jetgen.py too, or use --data "
                          "toptagging or --data jetclass with --data-dir") from None
     print(f"generating the embedded default sample in {out} (once; a few minutes on 2 cores)")
-    generate(out, classes=("QCD", "Tbqq"), jets_per_class=PYTHIA_JETS_PER_CLASS, seed=0,
+    generate(out, classes=("QCD", "Tbqq"), jets_per_class=_PYTHIA_JETS_PER_CLASS, seed=0,
                     workers=os.cpu_count(), preset="toptagging")
-    done.write_text(json.dumps(dict(classes=["QCD", "Tbqq"], jets_per_class=PYTHIA_JETS_PER_CLASS,
+    done.write_text(json.dumps(dict(classes=["QCD", "Tbqq"], jets_per_class=_PYTHIA_JETS_PER_CLASS,
                                     seed=0, preset="toptagging")))
     return out
 
@@ -1576,7 +1576,7 @@ def _warn_drops(drops, where):
         unphysical = drops.get("unphysical", 0)
         warnings.warn(f"{where}: dropped {drops['constituents']} constituents with NaN/inf or "
                       f"unphysical values ({unphysical} unphysical: |p| or E above "
-                      f"{MAX_ENERGY:g} GeV, E < 0 or E < |p|) and {drops['jets']} jets with no "
+                      f"{_MAX_ENERGY:g} GeV, E < 0 or E < |p|) and {drops['jets']} jets with no "
                       "constituents", stacklevel=3)
 
 
@@ -1592,10 +1592,10 @@ def _warn_empty(files, entries, where):
 
 # --- the memory-mapped cache of load_jets --------------------------------------------------------
 
-CACHE_VERSION = 1  # bump when the arrays a reader produces change meaning
+_CACHE_VERSION = 1  # bump when the arrays a reader produces change meaning
 
 
-def cache_root(cache_dir=None):
+def _cache_root(cache_dir=None):
     return Path(cache_dir or os.environ.get("NANOJET_CACHE") or DATA_DIR / "cache")
 
 
@@ -1603,8 +1603,8 @@ def cache_root(cache_dir=None):
 # temporary folder and renamed, so a crash never leaves a half-written entry behind.
 
 
-def cache_key(**items):
-    blob = json.dumps({"version": CACHE_VERSION, **items}, sort_keys=True, default=str)
+def _cache_key(**items):
+    blob = json.dumps({"version": _CACHE_VERSION, **items}, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -1612,12 +1612,12 @@ def _file_ids(files):
     return [(str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
 
 
-def cache_load(cls, key, cache_dir=None):
+def _cache_load(cls, key, cache_dir=None):
     """The cached entry `key` as a `cls` of memory-mapped arrays, or None when there is none.
     An entry that fails its checks (meta.json missing or unreadable, an array missing, short
     or unreadable, a shape or dtype other than meta.json's) is removed, with a one-line
     warning, so the caller rebuilds it."""
-    folder = cache_root(cache_dir) / key
+    folder = _cache_root(cache_dir) / key
     if not folder.exists():
         return None
     try:
@@ -1646,8 +1646,8 @@ def _cache_broken(folder, why):
 
 def cache_save(obj, key, meta, cache_dir=None):
     """Write `obj` (a dataclass of arrays) as the cache entry `key` and return it memory-mapped.
-    meta.json records each array's shape and dtype, which cache_load checks."""
-    root = cache_root(cache_dir)
+    meta.json records each array's shape and dtype, which _cache_load checks."""
+    root = _cache_root(cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(root)
     tmp = root / f".{key}.tmp{os.getpid()}"
@@ -1666,12 +1666,12 @@ def cache_save(obj, key, meta, cache_dir=None):
             break
         except OSError:
             # dest exists: another process finished the same entry first (keep theirs), or it
-            # is a broken entry, which cache_load removes before the second try
-            if (hit := cache_load(type(obj), key, cache_dir)) is not None:
+            # is a broken entry, which _cache_load removes before the second try
+            if (hit := _cache_load(type(obj), key, cache_dir)) is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
                 return hit
     shutil.rmtree(tmp, ignore_errors=True)
-    if (hit := cache_load(type(obj), key, cache_dir)) is None:
+    if (hit := _cache_load(type(obj), key, cache_dir)) is None:
         raise SystemExit(f"{dest}: cannot write the cache entry; check the disk, or point "
                          "NANOJET_CACHE at another folder")
     return hit
@@ -1693,7 +1693,7 @@ def _class_of(path):
 
 # --- what part 1 uses inside ---------------------------------------------------------------------
 
-def unwrap(model):
+def _unwrap(model):
     """The plain module under DDP / torch.compile wrappers, whose state dict has clean keys
     (no `module.` or `_orig_mod.` prefixes)."""
     while True:
@@ -1711,7 +1711,7 @@ def signed_deta(eta, jet_eta):
     return np.where(jet_eta >= 0, 1.0, -1.0).astype(np.float32) * (eta - jet_eta)
 
 
-def kin_columns(pt, energy, deta, dphi, axis_pt, axis_energy):
+def _kin_columns(pt, energy, deta, dphi, axis_pt, axis_energy):
     """The five ParT kinematic inputs, unclipped: log pT, log E, log pT/pT_axis, log E/E_axis and
     the distance to the axis, with ParT's shifts and scales. numpy arrays or torch tensors: the
     data layer (the jet's axis) and the methods' own frames (jjepa's context, the visible
@@ -1732,7 +1732,7 @@ def features_flat(px, py, energy, deta, dphi, jet, extra=None, features="kin"):
     (missing ones = not measured = 0). Returns float32 (M, F)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         pt = np.hypot(px, py)
-        kin = kin_columns(pt, energy, deta, dphi, jet[:, 0], jet[:, 3])
+        kin = _kin_columns(pt, energy, deta, dphi, jet[:, 0], jet[:, 3])
     kin = [np.clip(v, -5, 5) for v in kin]  # NaN stays NaN here and becomes 0 below
     if features == "kin":
         cols = kin + [deta, dphi]
@@ -1881,7 +1881,7 @@ def _plain(value):
 # other data (or skip it), so resume_from compares them with the checkpoint's. The loader's
 # workers and shuffle buffer are among them: each worker reads its own share of the epoch
 # through its own buffer, so another count reads some jets twice and others never.
-RUN_ARGS = ("data", "n_jets", "n_max", "features", "batch_size", "seed", "classes", "workers",
+_RUN_ARGS = ("data", "n_jets", "n_max", "features", "batch_size", "seed", "classes", "workers",
             "shuffle_buffer")
 
 
@@ -1912,14 +1912,14 @@ def _json_number(value):
     return str(value)
 
 
-SIC_MIN_BKG = 10  # background jets that must pass a threshold for it to count in sic
+_SIC_MIN_BKG = 10  # background jets that must pass a threshold for it to count in sic
 
 
 def _binary_roc(y, s):
     """y (N,) bool signal, s (N,) score (higher = more signal-like) -> auc, rej50, rej30, sic.
     Ties are one ROC point (the straight segment = random tie breaking); AUC from average ranks.
     sic: the best significance improvement, max of eps_S / sqrt(eps_B) over the thresholds that
-    at least SIC_MIN_BKG background jets pass (fewer would let a handful of jets set it)."""
+    at least _SIC_MIN_BKG background jets pass (fewer would let a handful of jets set it)."""
     n_s, n_b = int(y.sum()), int((~y).sum())
     if n_s == 0 or n_b == 0:
         return dict(auc=float("nan"), rej50=float("nan"), rej30=float("nan"), sic=float("nan"))
@@ -1942,7 +1942,7 @@ def _binary_roc(y, s):
             t = (target - eff_s[k - 1]) / (eff_s[k] - eff_s[k - 1])
             eb = eff_b[k - 1] + t * (eff_b[k] - eff_b[k - 1])
         out[key] = float("inf") if eb == 0 else float(1.0 / eb)
-    counted = np.cumsum(bkg) >= SIC_MIN_BKG
+    counted = np.cumsum(bkg) >= _SIC_MIN_BKG
     out["sic"] = float(np.max(eff_s[1:][counted] / np.sqrt(eff_b[1:][counted]))) \
         if counted.any() else float("nan")
     return out
@@ -1953,7 +1953,7 @@ def roc_metrics(y, score):
     Binary (1-D score or C = 2): dict(acc, auc, rej50, rej30, sic), rej = 1/eps_B at eps_S = 0.5,
     0.3 interpolated linearly on the ROC curve; rej is float("inf") when no background passes at
     that signal efficiency, nan when a class is missing; sic = max eps_S / sqrt(eps_B) over the
-    thresholds that >= SIC_MIN_BKG background jets pass (nan when fewer exist). A 1-D score
+    thresholds that >= _SIC_MIN_BKG background jets pass (nan when fewer exist). A 1-D score
     counts as signal above 0.5.
     Multi-class: acc = argmax accuracy, per_class = {c: dict(auc, rej50, rej30, sic)} for class
     c >= 1 against QCD (class 0) with the discriminant P_c / (P_c + P_0) on jets of classes c
@@ -1979,7 +1979,7 @@ def roc_metrics(y, score):
 
 # --- RNG state -----------------------------------------------------------------------------------
 
-def rng_state(generators=None):
+def _rng_state(generators=None):
     """Every RNG a run draws from: torch (CPU and CUDA), numpy, python, and named generators."""
     np_state = np.random.get_state(legacy=False)
     np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
@@ -1992,7 +1992,7 @@ def rng_state(generators=None):
     )
 
 
-def set_rng_state(state, generators=None):
+def _set_rng_state(state, generators=None):
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
