@@ -1001,7 +1001,8 @@ def resume_from(path, raw_model, optimizer=None, generators=None, args=None, dat
     """Restore weights, optimizer, every RNG and return the step to continue from. With the data
     order derived from (seed, epoch) this continues the run bit for bit (on CPU). Stops with a
     SystemExit listing the differences when the model's parameters (names, shapes) differ from
-    the checkpoint's, or, given `args`, when a _RUN_ARGS value or the number of processes does.
+    the checkpoint's, or, given `args`, when an argument other than
+    _MAY_CHANGE_ON_RESUME or the number of processes does.
     data: the training stream's `identity`; other files (names, sizes, entries) than the
     checkpoint's stop the run under --data-dir, a moved but identical folder only warns."""
     ckpt = load_checkpoint(path)
@@ -1015,7 +1016,8 @@ def resume_from(path, raw_model, optimizer=None, generators=None, args=None, dat
         args = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
         old = ckpt.get("args") or {}
         diffs += [f"--{k.replace('_', '-')}: checkpoint {old[k]!r}, now {_plain(args[k])!r}"
-                  for k in _RUN_ARGS if k in args and k in old and _plain(args[k]) != old[k]]
+                  for k in args if k in old and k not in _MAY_CHANGE_ON_RESUME
+                  and _plain(args[k]) != old[k]]
         diffs += _data_diffs(ckpt.get("data"), data, old.get("data_dir"),
                              _plain(args.get("data_dir")))
         world = int(os.environ.get("WORLD_SIZE", 1))
@@ -1877,12 +1879,16 @@ def _plain(value):
     return str(value)
 
 
-# the arguments that fix a run's batches: resuming with other values would silently train on
-# other data (or skip it), so resume_from compares them with the checkpoint's. The loader's
-# workers and shuffle buffer are among them: each worker reads its own share of the epoch
-# through its own buffer, so another count reads some jets twice and others never.
-_RUN_ARGS = ("data", "n_jets", "n_max", "features", "batch_size", "seed", "classes", "workers",
-            "shuffle_buffer")
+# resume_from compares a checkpoint's arguments with the run's. The ones that fix the batches
+# (--data, --n-jets, --n-max, --features, --batch-size, --seed, --classes, and the loader's
+# --workers and --shuffle-buffer: each worker reads its own share of the epoch through its own
+# buffer, so another count reads some jets twice and others never) would silently train on other
+# data; the others define the method's task or its optimisation (mpm's --style and --frame,
+# diffmae's --head, the loss weights ...). Only these may change: how long the run goes and at
+# what peak lr (lowering it to continue a run is common practice), where it writes, how often it
+# reports, and on what hardware (--data-dir is checked by the files it holds).
+_MAY_CHANGE_ON_RESUME = {"epochs", "steps", "lr", "eval_every", "log_every", "n_eval", "out",
+                         "resume", "overwrite", "data_dir", "device", "compile"}
 
 
 def _data_diffs(saved, now, saved_dir, now_dir):

@@ -417,17 +417,20 @@ def test_n_jets_zero_and_empty_trees(tmp_path):
 # --- 8. resume checks the run --------------------------------------------------------------------
 
 def test_resume_with_another_architecture_or_batch_size(tmp_path):
-    args = dict(batch_size=8, n_max=32, features="kin", data="pythia", lr=1e-3)
+    args = dict(batch_size=8, n_max=32, features="kin", data="pythia", lr=1e-3, frame="visible")
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
     common.save_checkpoint(tmp_path / "a.pt", method="toy", args=args, model=model, step=5)
-    assert common.resume_from(tmp_path / "a.pt", model, args=dict(args, lr=5e-4)) == 5
+    assert common.resume_from(tmp_path / "a.pt", model, args=dict(args, lr=5e-4, steps=9)) == 5
+    # a method's own task flag (mpm's and diffmae's --frame) is part of the run
+    with pytest.raises(SystemExit, match=r"--frame: checkpoint 'visible', now 'jet'"):
+        common.resume_from(tmp_path / "a.pt", model, args=dict(args, frame="jet"))
     wider = nn.Sequential(nn.Linear(3, 8), nn.Linear(8, 1), nn.ReLU(), nn.Linear(1, 1))
     with pytest.raises(SystemExit, match=r"0.weight: checkpoint \(4, 3\), model \(8, 3\).*"
                                          r"3.weight: only in the model"):
         common.resume_from(tmp_path / "a.pt", wider)
     ns = argparse.Namespace(**dict(args, batch_size=16, n_max=64))
-    with pytest.raises(SystemExit, match=r"--n-max: checkpoint 32, now 64; --batch-size: "
-                                         r"checkpoint 8, now 16") as e:
+    with pytest.raises(SystemExit, match=r"--batch-size: checkpoint 8, now 16; --n-max: "
+                                         r"checkpoint 32, now 64") as e:
         common.resume_from(tmp_path / "a.pt", model, args=ns)
     assert "\n" not in str(e.value)
 
