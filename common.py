@@ -168,7 +168,8 @@ def setup(args):
     # bf16 needs no GradScaler; CPU stays in fp32 so runs are exact and bitwise reproducible.
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else contextlib.nullcontext()
     do_compile = use_cuda if getattr(args, "compile", None) is None else args.compile
-    return Setup(device, device_type, ctx, rank, local_rank, world_size, rank == 0, ddp, do_compile)
+    return Setup(device, device_type, ctx, rank, local_rank, world_size, rank == 0, ddp,
+                 do_compile)
 
 
 def wrap_model(raw_model, s):
@@ -269,17 +270,30 @@ class JetStream(torch.utils.data.IterableDataset):
                  world_size=1, shuffle_buffer=100_000, workers=0, chunk=None, extra=None,
                  transform=None, pad="batch"):
         super().__init__()
-        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
-        self.rank, self.world_size, self.transform, self.pad = rank, world_size, transform, pad
-        self.n_max, self.features, self.extra, self.workers = n_max, features, extra or {}, workers
-        self.buffer = max(shuffle_buffer // max(workers, 1), 2 * batch_size) if shuffle else batch_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.rank = rank
+        self.world_size = world_size
+        self.transform = transform
+        self.pad = pad
+        self.n_max = n_max
+        self.features = features
+        self.extra = extra or {}
+        self.workers = workers
+        if shuffle:
+            self.buffer = max(shuffle_buffer // max(workers, 1), 2 * batch_size)
+        else:
+            self.buffer = batch_size
         if isinstance(data, Jets):
             self.source, self.files, self.identity = None, ["memory"], None
             self.jets = data if n_jets is None else data[:n_jets]
             self.counts = [len(self.jets)]
         else:
             if features not in FEATURE_NAMES:
-                raise ValueError(f"features must be one of {list(FEATURE_NAMES)}, got {features!r}")
+                raise ValueError(f"features must be one of {list(FEATURE_NAMES)}, "
+                                 f"got {features!r}")
             self.source, self.jets = data, None
             self.files = _find_files(data, path, split, classes)
             entries = [_num_entries(data, f) for f in self.files]
@@ -335,12 +349,16 @@ class JetStream(torch.utils.data.IterableDataset):
     def _reads(self, units, lo, hi, drops):
         """Chunks holding jets [lo, hi) of the epoch's sequence, each tagged with its file."""
         if units is None:  # in memory: a permutation of single jets
-            order = (np.random.default_rng(seed_of(self.seed, "order", self.epoch)).permutation(self.n)
-                     if self.shuffle else np.arange(self.n))
+            if self.shuffle:
+                rng = np.random.default_rng(seed_of(self.seed, "order", self.epoch))
+                order = rng.permutation(self.n)
+            else:
+                order = np.arange(self.n)
             for a in range(lo, hi, self.chunk):
                 idx = np.sort(order[a:min(a + self.chunk, hi)])  # sorted: reads a memmap in order
-                yield _Chunk.from_jets(self.jets[idx], entry=idx, file=np.zeros(len(idx), np.int64),
-                                      **{k: np.asarray(v)[idx] for k, v in self.extra.items()})
+                yield _Chunk.from_jets(self.jets[idx], entry=idx,
+                                       file=np.zeros(len(idx), np.int64),
+                                       **{k: np.asarray(v)[idx] for k, v in self.extra.items()})
             return
         ends = np.cumsum([b - a for _, a, b in units])
         for u in range(int(np.searchsorted(ends, lo, side="right")), len(units)):
@@ -386,7 +404,8 @@ class JetStream(torch.utils.data.IterableDataset):
         # this worker reads a contiguous share of the rank's jets: n_mine batches' worth
         first = sum(len(range(v, self.steps, workers)) for v in range(w)) * self.batch_size
         lo = self.rank * self.jets_per_rank + first
-        hi = self.rank * self.jets_per_rank + min(first + n_mine * self.batch_size, self.jets_per_rank)
+        hi = self.rank * self.jets_per_rank + min(first + n_mine * self.batch_size,
+                                                  self.jets_per_rank)
         rng = np.random.default_rng(seed_of(self.seed, "buffer", self.epoch, self.rank, w))
         drops = {"constituents": 0, "jets": 0}
         B, made = self.batch_size, 0
@@ -500,9 +519,10 @@ def load_jets(source, path=None, split="train", n_jets=None, n_max=128, features
         chunks += [c.to_jets(n_max) for c in READERS[source](f, 0, stop, n_max, features, drops)]
     _warn_drops(drops, f"{source} {split}")
     if not chunks:  # every file empty (a 0-entry tree), or n_jets below the number of files
+        shown = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        why = f" with n_jets={n_jets}" if n_jets is not None else "; the files are empty"
         raise SystemExit(f"{source} {split}: no jets read from {len(files)} file(s) "
-                         f"({', '.join(str(f) for f in files[:3])}{' ...' if len(files) > 3 else ''})"
-                         + (f" with n_jets={n_jets}" if n_jets is not None else "; the files are empty"))
+                         f"({shown})" + why)
     jets = _concat(chunks)
     if cache:
         meta = dict(source=source, files=[str(f) for f in files], split=split, n_jets=n_jets,
@@ -564,7 +584,7 @@ def refeature(x, p4, valid, axis):
 @dataclass
 class Subjets:
     p4: np.ndarray     # float32 (N, S, 4) subjet 4-vectors (px, py, pz, E), pT-ordered, 0 if empty
-    idx: np.ndarray    # int64   (N, S, P) index of each constituent into the jet's particle axis, -1 pad
+    idx: np.ndarray    # int64   (N, S, P) constituent's index in the jet's particle axis, -1 pad
     valid: np.ndarray  # bool    (N, S, P) real constituent (pT-ordered within the subjet)
 
     def __len__(self):
@@ -656,8 +676,10 @@ class Mlp(nn.Module):
 
     def __init__(self, dim, hidden, out=None, dropout=0.0):
         super().__init__()
-        self.fc1, self.norm = nn.Linear(dim, hidden), nn.LayerNorm(hidden)
-        self.fc2, self.drop = nn.Linear(hidden, out or dim), nn.Dropout(dropout)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.norm = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, out or dim)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x):
         return self.fc2(self.norm(self.drop(F.gelu(self.fc1(x)))))
@@ -671,8 +693,11 @@ class Attention(nn.Module):
         super().__init__()
         if dim % heads:
             raise ValueError(f"EncoderConfig: dim={dim} must be divisible by heads={heads}")
-        self.heads, self.dropout = heads, dropout
-        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.heads = heads
+        self.dropout = dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, q_in, kv_in, bias):
         B, Nq, C = q_in.shape
@@ -688,9 +713,12 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio=4, dropout=0.0):
         super().__init__()
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, dropout)
-        self.mlp, self.drop = Mlp(dim, mlp_ratio * dim, dropout=dropout), nn.Dropout(dropout)
+        self.mlp = Mlp(dim, mlp_ratio * dim, dropout=dropout)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, x, bias):
         h = self.norm1(x)
@@ -704,7 +732,7 @@ class EncoderConfig:
     dim: int = 64                   # token width
     heads: int = 4
     depth: int = 4                  # particle (self-attention) blocks
-    cls_depth: int = 2              # class-attention blocks giving the jet vector (0: mean of tokens)
+    cls_depth: int = 2              # class-attention blocks for the jet vector (0: token mean)
     pair_dim: tuple = (32, 32)      # pair-bias MLP hidden widths; () = no pair bias, p4 unused
     mlp_ratio: int = 4
     dropout: float = 0.0            # attention, residual and MLP dropout of the particle blocks
@@ -712,7 +740,8 @@ class EncoderConfig:
 
 
 ENCODER_PRESETS = {
-    "small": EncoderConfig(dim=64, heads=4, depth=3, cls_depth=1, pair_dim=(32, 32), embed_hidden=(64,)),
+    "small": EncoderConfig(dim=64, heads=4, depth=3, cls_depth=1, pair_dim=(32, 32),
+                           embed_hidden=(64,)),
     # ParT (arXiv 2202.03772): embed (128, 512, 128), 8 heads, 8 + 2 blocks, pair embed 64 x 3,
     # dropout 0.1 in the particle blocks
     "part": EncoderConfig(in_dim=17, dim=128, heads=8, depth=8, cls_depth=2, pair_dim=(64, 64, 64),
@@ -1081,7 +1110,8 @@ def progress_bar(total_steps, jets_per_step, start_step=0, master=True, desc="tr
 # --- probe, metrics and collapse statistics ------------------------------------------------------
 
 @torch.no_grad()
-def embed_stream(encoder, stream, device, ctx=contextlib.nullcontext(), inputs=("x", "valid", "p4")):
+def embed_stream(encoder, stream, device, ctx=contextlib.nullcontext(),
+                 inputs=("x", "valid", "p4")):
     """Jet vectors (N, C) fp32 and labels (N,) on the CPU from one pass over `stream` (a JetStream
     made with shuffle=False, drop_last=False): encoder(**batch)[2] in eval mode. inputs: the batch
     keys the encoder takes, or a function batch -> dict of its arguments."""
@@ -1134,7 +1164,8 @@ def linear_probe(z_fit, y_fit, z_score, y_score, steps=200, l2=1e-4):
     target = torch.from_numpy(np.searchsorted(classes, y_fit))
     W = torch.zeros(a.shape[1], len(classes), requires_grad=True)
     bias = torch.zeros(len(classes), requires_grad=True)
-    opt = torch.optim.LBFGS([W, bias], max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([W, bias], max_iter=steps, history_size=20,
+                            line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -1178,7 +1209,9 @@ PREFIX = {"QCD": "ZJetsToNuNu", "Hbb": "HToBB", "Hcc": "HToCC", "Hgg": "HToGG", 
 
 _SOURCES = ("pythia", "jetclass", "toptagging")
 # folder names of each split; the first is the real download's, the second jetgen's
-SPLIT_DIRS = {"train": ("train_100M", "train"), "val": ("val_5M", "val"), "test": ("test_20M", "test")}
+SPLIT_DIRS = {"train": ("train_100M", "train"),
+              "val": ("val_5M", "val"),
+              "test": ("test_20M", "test")}
 PID_BRANCHES = ["part_isChargedHadron", "part_isNeutralHadron", "part_isPhoton", "part_isElectron",
                 "part_isMuon"]
 # size of the embedded default sample: the quickstart must finish in minutes on 2 CPU cores
@@ -1249,7 +1282,8 @@ class _Chunk:
         valid = np.asarray(jets.valid)
         return _Chunk(np.asarray(jets.x)[valid], np.asarray(jets.p4)[valid],
                      valid.sum(1).astype(np.int64),
-                     dict(y=np.asarray(jets.y).astype(np.int64), jet=np.asarray(jets.jet), **per_jet))
+                     dict(y=np.asarray(jets.y).astype(np.int64), jet=np.asarray(jets.jet),
+                          **per_jet))
 
 
 _MAX_ENERGY = 1e5     # GeV (100 TeV): beyond any collider jet; 1e20 squared overflows fp32
@@ -1280,7 +1314,8 @@ def _assemble(parts, counts, jet, y, n_max, features, drops, entry=None, where="
     finite = np.ones(len(row), dtype=bool)
     for v in parts.values():
         finite &= np.isfinite(v)
-    physical = _physical_mask(*(parts[k] for k in ("part_px", "part_py", "part_pz", "part_energy")))
+    physical = _physical_mask(parts["part_px"], parts["part_py"], parts["part_pz"],
+                              parts["part_energy"])
     drops["unphysical"] = drops.get("unphysical", 0) + int((finite & ~physical).sum())
     finite &= physical
     n_bad = int((~finite).sum())
@@ -1333,7 +1368,8 @@ def _open_root(path):
         return tree
     except Exception as e:  # uproot raises many types; the user needs the file name
         raise SystemExit(f"{path}: not a readable JetClass ROOT file with a 'tree' "
-                         f"({type(e).__name__}: {e}); the file may be truncated, download it again")
+                         f"({type(e).__name__}: {e}); the file may be truncated, "
+                         "download it again")
 
 
 @functools.lru_cache(maxsize=64)
@@ -1385,7 +1421,8 @@ def _read_root(path, start, stop, n_max, features, drops, step=50_000):
         except Exception as e:
             raise SystemExit(f"{path}: cannot read entries {a}-{min(a + step, stop)} "
                              f"({type(e).__name__}: {e}); the file may be truncated or corrupt")
-        col = lambda b: arr["part", b[5:]] if nested and b.startswith("part_") else arr[b]  # noqa: E731
+        col = lambda b: (  # noqa: E731
+            arr["part", b[5:]] if nested and b.startswith("part_") else arr[b])
         where = f"{path} (entries {a}-{min(a + step, stop)})"
         counts, parts = None, {}
         for b in (b for b in branches if b.startswith("part_")):
@@ -1482,11 +1519,14 @@ def _read_h5(path, start, stop, n_max, features, drops, step=50_000):
                                  "the file may be truncated or corrupt") from None
             if block0.ndim != 2 or block0.shape[1] < 4 * n_const:
                 raise SystemExit(f"{path}: values_block_0 has shape {block0.shape}, expected "
-                                 f"(N, >= {4 * n_const}) for {n_const} constituents x (E, px, py, pz)")
+                                 f"(N, >= {4 * n_const}) for {n_const} constituents "
+                                 "x (E, px, py, pz)")
             if not np.isin(y, (0, 1)).all():
-                raise SystemExit(f"{path}: is_signal_new must be 0 or 1, but {int((~np.isin(y, (0, 1))).sum())} "
+                n_other = int((~np.isin(y, (0, 1))).sum())
+                raise SystemExit(f"{path}: is_signal_new must be 0 or 1, but {n_other} "
                                  f"of {len(y)} jets in rows {a}-{b} hold other values")
-            const = block0[:, :4 * n_const].reshape(len(block0), n_const, 4)  # (N, 200, E/px/py/pz)
+            # (N, 200, 4): E, px, py, pz of each constituent
+            const = block0[:, :4 * n_const].reshape(len(block0), n_const, 4)
             present = const[..., 0] != 0  # zero padding; NaN rows stay and are dropped later
             counts = present.sum(1)
             e, px, py, pz = (const[..., i][present] for i in range(4))
@@ -1512,7 +1552,8 @@ READERS = {"pythia": _read_root, "jetclass": _read_root, "toptagging": _read_h5}
 
 
 def _missing(source, searched, root, split):
-    cmd = {"pythia": f"python -m scripts.jetgen --out {root}  (or leave path=None for the default sample)",
+    cmd = {"pythia": f"python -m scripts.jetgen --out {root}  "
+                     "(or leave path=None for the default sample)",
            "jetclass": f"python -m scripts.download jetclass --split {split} --dir {root}",
            "toptagging": f"python -m scripts.download toptagging --dir {root}"}[source]
     return f"no {source} data found at {searched}; get it with: {cmd}"
@@ -1529,7 +1570,8 @@ def _find_files(source, path=None, split="train", classes=None):
     root = Path(path) if path is not None else default_data_dir(source)
     if source == "toptagging":
         if classes is not None:
-            raise ValueError("classes= selects JetClass processes; toptagging has QCD and top only")
+            raise ValueError("classes= selects JetClass processes; "
+                             "toptagging has QCD and top only")
         f = root if root.suffix == ".h5" else root / f"{split}.h5"
         if not f.is_file():
             raise SystemExit(_missing(source, f, f.parent, split))
@@ -1549,7 +1591,8 @@ def _find_files(source, path=None, split="train", classes=None):
     prefixes = tuple(PREFIX[c] + "_" for c in (classes or CLASSES))
     files = sorted(f for f in folder.glob("*.root") if f.name.startswith(prefixes))
     if not files:
-        raise SystemExit(_missing(source, folder, root, split) + f" (no files for {classes or 'any class'})")
+        raise SystemExit(_missing(source, folder, root, split)
+                         + f" (no files for {classes or 'any class'})")
     return files
 
 
@@ -1562,9 +1605,9 @@ def _ensure_pythia():
     try:
         from scripts.jetgen import generate
     except ImportError as e:
-        raise SystemExit(f"the default data (--data pythia) is generated by scripts/jetgen.py, which is not "
-                         f"importable ({e}): copy scripts/jetgen.py too, or use --data "
-                         "toptagging or --data jetclass with --data-dir") from None
+        raise SystemExit(f"the default data (--data pythia) is generated by scripts/jetgen.py, "
+                         f"which is not importable ({e}): copy scripts/jetgen.py too, "
+                         "or use --data toptagging or --data jetclass with --data-dir") from None
     print(f"generating the embedded default sample in {out} (once; a few minutes on 2 cores)")
     generate(out, classes=("QCD", "Tbqq"), jets_per_class=_PYTHIA_JETS_PER_CLASS, seed=0,
                     workers=os.cpu_count(), preset="toptagging")
@@ -1799,7 +1842,8 @@ def _pair_feats(a, b):
     m2 = s[..., 3] ** 2 - (s[..., :3] ** 2).sum(-1)
     return torch.stack([torch.log(delta.clamp(min=_EPS)),                      # ln Delta
                         torch.log((pt_min * delta).clamp(min=_EPS)),          # ln kT
-                        torch.log((pt_min / (pt_a + pt_b).clamp(min=_EPS)).clamp(min=_EPS)),  # ln z
+                        torch.log((pt_min / (pt_a + pt_b).clamp(min=_EPS))
+                                  .clamp(min=_EPS)),                          # ln z
                         torch.log(m2.clamp(min=_EPS))], dim=-1)                # ln m^2
 
 
@@ -2003,7 +2047,8 @@ def _set_rng_state(state, generators=None):
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     np_state = dict(state["numpy"])
-    np_state["state"] = dict(np_state["state"], key=np_state["state"]["key"].numpy().astype(np.uint32))
+    key = np_state["state"]["key"].numpy().astype(np.uint32)
+    np_state["state"] = dict(np_state["state"], key=key)
     np.random.set_state(np_state)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))

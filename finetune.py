@@ -31,9 +31,9 @@ Data (every split goes through common.JetStream; no split is ever held whole):
 - labelled training jets: --n-labels N, or --label-frac f of the training jets (counted from the
   files' metadata, after --n-jets). Up to MAX_IN_MEMORY labels are drawn for each seed from a
   pool of 10 N jets (at most MAX_IN_MEMORY) held in memory, stratified: every --seeds run trains
-  on its own subset. Larger label sets stream from the files: the first N / n_files jets of every class
-  file, the same jets for every seed (only the order and the initial weights change). CWoLa's
-  two mixtures are built in memory (at most MAX_IN_MEMORY jets per split).
+  on its own subset. Larger label sets stream from the files: the first N / n_files jets of every
+  class file, the same jets for every seed (only the order and the initial weights change).
+  CWoLa's two mixtures are built in memory (at most MAX_IN_MEMORY jets per split).
 - validation and test stream from the files, every jet in order (--n-eval caps them).
 - --min-subjets N keeps only jets with >= N non-empty C/A R=0.2 subjets (J-JEPA's evaluation
   selection), clustered in the loader workers: the other jets weigh 0 in the loss and are left
@@ -128,17 +128,20 @@ def get_args(argv=None):
                    help="probe: frozen encoder, only the head trains; finetune: all weights train")
     g.add_argument("--head", choices=["linear", "mlp", "cls-attn", "flatten", "mean"],
                    default="linear",
-                   help="linear/mlp: on the jet vector; mean: average of the valid tokens + linear;"
-                        " flatten: all token slots + linear; cls-attn: 2 class-attention blocks")
+                   help="linear/mlp: on the jet vector; "
+                        "mean: average of the valid tokens + linear; "
+                        "flatten: all token slots + linear; cls-attn: 2 class-attention blocks")
     g.add_argument("--head-hidden", type=common.positive_int, default=128,
                    help="hidden width of the mlp head")
     labels = g.add_mutually_exclusive_group()
     labels.add_argument("--label-frac", type=common.fraction, default=1.0,
                         help="fraction of the training jets whose labels are used (stratified)")
     labels.add_argument("--n-labels", type=common.positive_int, default=None,
-                        help="number of labelled training jets (stratified), instead of a fraction")
+                        help="number of labelled training jets (stratified), "
+                             "instead of a fraction")
     g.add_argument("--seeds", type=common.positive_int, default=1,
-                   help="independent runs (seed, seed+1, ...): label subset, head init, data order")
+                   help="independent runs (seed, seed+1, ...): "
+                        "label subset, head init, data order")
     g.add_argument("--label-smoothing", default=0.0,
                    type=common.number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
                    help="cross-entropy label smoothing (MPM v2 used 0.1)")
@@ -210,7 +213,8 @@ def cwola_mixture(y, signal_frac, rng):
     """CWoLa's two samples of equal size from jets with true labels y (0 = QCD, 1 = signal):
     sample 0 = pure QCD, sample 1 = QCD with a fraction signal_frac of signal. Returns the jets'
     indices and their sample labels; the true labels are never used beyond building them."""
-    bkg, sig = rng.permutation(np.flatnonzero(y == 0)), rng.permutation(np.flatnonzero(y == 1))
+    bkg = rng.permutation(np.flatnonzero(y == 0))
+    sig = rng.permutation(np.flatnonzero(y == 1))
     half = len(bkg) // 2
     n_sig = round(signal_frac * half)
     if n_sig > len(sig):
@@ -229,7 +233,9 @@ class Classifier(nn.Module):
 
     def __init__(self, encoder, head, n_classes, dim_tokens, dim_jet, n_tokens, hidden=128):
         super().__init__()
-        self.encoder, self.kind, self.n_tokens = encoder, head, n_tokens
+        self.encoder = encoder
+        self.kind = head
+        self.n_tokens = n_tokens
         # linear / mlp: the jet vector is batch-normalised first, without affine parameters; the
         # statistics used at evaluation are set by precise_bn before every evaluation
         norm = nn.BatchNorm1d(dim_jet, affine=False)
@@ -365,19 +371,24 @@ SHARED_ENCODER = types.SimpleNamespace(build_encoder=build_encoder, encoder_inpu
 
 
 def load_spec(args):
-    """Which encoder to build: method, its module, config dict, weights (None = random), features."""
+    """Which encoder to build: method, its module, config dict, weights (None = random) and
+    features."""
     if args.ckpt is None:
         cfg = dataclasses.asdict(common.ENCODER_PRESETS[args.size])
         features = args.features or "kin"
         cfg["in_dim"] = len(common.FEATURE_NAMES[features])
-        method, state = "part", None
+        method = "part"
+        state = None
     else:
         ckpt = common.load_checkpoint(args.ckpt)
         if ckpt.get("encoder") is None:
             raise SystemExit(f"{args.ckpt}: the checkpoint holds no encoder weights")
-        cfg, stored, method = ckpt["encoder_config"], ckpt["args"], ckpt["method"]
+        cfg = ckpt["encoder_config"]
+        stored = ckpt["args"]
+        method = ckpt["method"]
         by_width = {len(v): k for k, v in common.FEATURE_NAMES.items()}
-        features = args.features or stored.get("features") or by_width.get(cfg.get("in_dim"), "kin")
+        features = (args.features or stored.get("features")
+                    or by_width.get(cfg.get("in_dim"), "kin"))
         if "in_dim" in cfg and cfg["in_dim"] != len(common.FEATURE_NAMES[features]):
             raise SystemExit(f"--features {features} gives {len(common.FEATURE_NAMES[features])} "
                              f"inputs but {args.ckpt} was trained on {cfg['in_dim']}")
@@ -463,7 +474,8 @@ def seed_streams(args, spec, data, seed):
     rng = np.random.default_rng(common.seed_of(seed, "labels"))
     y = np.searchsorted(data["classes"], np.asarray(data["pool"].y))
     idx = label_subset(y, data["n_labels"], rng)
-    labels, val = y[idx], data.get("val")
+    labels = y[idx]
+    val = data.get("val")
     if args.task == "cwola":  # weak labels everywhere but on test
         mix, labels = cwola_mixture(labels, args.signal_frac, rng)
         idx = idx[mix]
@@ -485,7 +497,8 @@ def seed_streams(args, spec, data, seed):
     # jets drawn once per seed (the same < batch-size jets are seen twice in every epoch)
     batch_size = min(args.batch_size, len(idx))  # 100 labels still make a step
     fill = rng.choice(len(idx), size=-len(idx) % batch_size, replace=False)
-    idx, labels = np.concatenate([idx, idx[fill]]), np.concatenate([labels, labels[fill]])
+    idx = np.concatenate([idx, idx[fill]])
+    labels = np.concatenate([labels, labels[fill]])
     train = make_stream(args, spec, data["pool"][idx], seed=seed, extra={"label": labels},
                         batch_size=batch_size)
     return train, val, stats, len(idx) - len(fill)
@@ -497,13 +510,15 @@ def seed_streams(args, spec, data, seed):
 @torch.no_grad()
 def predict(model, stream, s, spec, n_repr=0, split="test"):
     """One pass over an evaluation stream: class probabilities (N, K), labels (N,) and the jet
-    vectors of the first n_repr jets, of the selected jets (--min-subjets) in the stream's order."""
+    vectors of the first n_repr jets, of the selected jets (--min-subjets) in the stream's
+    order."""
     model.eval()
     probs, labels, zs, n_z = [], [], [], 0
     for batch in common.loader(stream, s.device):
         with s.ctx:
             logits, jet = model(spec["module"].encoder_inputs(batch, spec["cfg"]))
-        keep, label = batch["keep"], batch["label"]
+        keep = batch["keep"]
+        label = batch["label"]
         if (label < 0).any():
             at = batch["source"][label < 0][0]
             raise SystemExit(f"{stream.describe(at)}: a jet of a class the training jets lack")
@@ -512,7 +527,8 @@ def predict(model, stream, s, spec, n_repr=0, split="test"):
         if n_z < n_repr:
             zs.append(jet.float()[keep][:n_repr - n_z].cpu())
             n_z += len(zs[-1])
-    probs, labels = torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    probs = torch.cat(probs).numpy()
+    labels = torch.cat(labels).numpy()
     if len(labels) == 0:
         raise SystemExit(f"no {split} jet has --min-subjets {spec['min_subjets']}: lower it")
     if not np.isfinite(probs).all():
