@@ -6,11 +6,14 @@ One process per figure; set OMP_NUM_THREADS=1 for per-core numbers.
     python -m scripts.bench_data --n-jets 100000 --gen-jets 0
     # streaming: a JetClass-layout folder (real split names) of >= 1M jets, made by hard-linking
     # generated files under JetClass names (no extra disk), then the loader's figures
-    python -m scripts.jetgen --out data/jc10 --classes all --preset jetclass --jets-per-class 20000 --workers 2
+    python -m scripts.jetgen --out data/jc10 --classes all --preset jetclass \
+        --jets-per-class 20000 --workers 2
     python -m scripts.bench_data --make-folder data/jc_bench --from data/jc10 --copies 7
     python -m scripts.bench_data --stream data/jc_bench
-    python -m scripts.bench_data --stream data/jc_bench --workers 8 --n-jets 1000000   # GPU node: >= 50k jets/s?
-    python -m scripts.bench_data --peak-rss jjepa.py --data jetclass --data-dir data/jc_bench --steps 50 --workers 2
+    # GPU node: >= 50k jets/s?
+    python -m scripts.bench_data --stream data/jc_bench --workers 8 --n-jets 1000000
+    python -m scripts.bench_data --peak-rss jjepa.py --data jetclass --data-dir data/jc_bench \
+        --steps 50 --workers 2
 """
 import argparse
 import functools
@@ -35,7 +38,9 @@ def write_jetclass_like(path, n, seed=0):
     rng = np.random.default_rng(seed)
     counts = np.clip(rng.normal(70, 20, n).astype(int), 5, 200)
     m = counts.sum()
-    pt, eta, phi = rng.exponential(15, m) + 0.5, rng.normal(0, 0.3, m), rng.normal(0, 0.3, m)
+    pt = rng.exponential(15, m) + 0.5
+    eta = rng.normal(0, 0.3, m)
+    phi = rng.normal(0, 0.3, m)
     px, py, pz = pt * np.cos(phi), pt * np.sin(phi), pt * np.sinh(eta)
     e = np.sqrt(px ** 2 + py ** 2 + pz ** 2)
     jag = lambda a, t=np.float32: ak.unflatten(a.astype(t), counts)  # noqa: E731
@@ -98,8 +103,9 @@ def stream_rate(folder, features, workers, n, with_subjets, batch_size):
     """Jets/s of the loader alone (batches consumed and dropped): wall clock after the first batch,
     and per CPU-second of the main process plus its workers, buffer filling included."""
     import torch
-    s = common.JetStream("jetclass", "train", path=folder, features=features, batch_size=batch_size,
-                         workers=workers, transform=subjets if with_subjets else None)
+    s = common.JetStream("jetclass", "train", path=folder, features=features,
+                         batch_size=batch_size, workers=workers,
+                         transform=subjets if with_subjets else None)
     c = time.process_time()
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     seen, t = 0, None
@@ -115,10 +121,11 @@ def stream_rate(folder, features, workers, n, with_subjets, batch_size):
     import gc
     gc.collect()  # ends the DataLoader, so its workers are reaped and their CPU time counted
     kids2 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = time.process_time() - c + (kids2.ru_utime + kids2.ru_stime - kids.ru_utime - kids.ru_stime)
+    cpu = time.process_time() - c + (kids2.ru_utime + kids2.ru_stime
+                                     - kids.ru_utime - kids.ru_stime)
     label = f"stream '{features}'{' + subjets' if with_subjets else ''}, {workers} worker(s)"
-    print(f"{label:<60s} {seen / dt:>11,.0f} jets/s wall {seen / max(cpu, 1e-9):>11,.0f} jets/CPU-s"
-          f"   ({seen} jets, {dt:.2f} s)")
+    print(f"{label:<60s} {seen / dt:>11,.0f} jets/s wall "
+          f"{seen / max(cpu, 1e-9):>11,.0f} jets/CPU-s   ({seen} jets, {dt:.2f} s)")
 
 
 def rss_child(folder, n_jets, steps, workers):
@@ -132,14 +139,16 @@ def rss_child(folder, n_jets, steps, workers):
     head = torch.nn.Linear(64, 10)
     opt = common.configure_optimizer(torch.nn.ModuleList([model, head]), 1e-3, 0.01)
     for step, epoch, b in common.train_batches(s, torch.device("cpu"), 1, steps=steps):
-        loss = torch.nn.functional.cross_entropy(head(model(b["x"], b["valid"], b["p4"])[2]), b["y"])
+        loss = torch.nn.functional.cross_entropy(head(model(b["x"], b["valid"], b["p4"])[2]),
+                                                 b["y"])
         opt.zero_grad()
         loss.backward()
         opt.step()
     me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"training process, split capped at {s.n:>9,} jets ({len(s)} steps/epoch), {steps} steps, "
-          f"{workers} workers: peak RSS {me:,.0f} MB (main), {kids:,.0f} MB (largest worker)")
+    print(f"training process, split capped at {s.n:>9,} jets ({len(s)} steps/epoch), "
+          f"{steps} steps, {workers} workers: peak RSS {me:,.0f} MB (main), "
+          f"{kids:,.0f} MB (largest worker)")
 
 
 def peak_rss(argv):
@@ -162,19 +171,27 @@ def bench_stream(args):
         for workers in (int(w) for w in args.workers.split(",")):
             stream_rate(folder, feats, workers, args.n_jets, sub, args.batch_size)
     for n in (250_000, 1_000_000_000):  # the second: the whole folder
-        subprocess.run([sys.executable, "-m", "scripts.bench_data", "--rss-child", str(folder), str(n)], check=True)
+        subprocess.run([sys.executable, "-m", "scripts.bench_data", "--rss-child", str(folder),
+                        str(n)], check=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n-jets", type=int, default=20_000, help="jets for read/subjet/cache figures")
-    ap.add_argument("--gen-jets", type=int, default=100, help="jets per class to generate (0: skip)")
+    ap.add_argument("--n-jets", type=int, default=20_000,
+                    help="jets for read/subjet/cache figures")
+    ap.add_argument("--gen-jets", type=int, default=100,
+                    help="jets per class to generate (0: skip)")
     ap.add_argument("--batch-size", type=int, default=512, help="batch size for the cached epoch")
-    ap.add_argument("--stream", metavar="DIR", help="benchmark the streaming loader on this JetClass-layout folder")
-    ap.add_argument("--workers", default="1,2", help="--stream: comma-separated loader worker counts")
-    ap.add_argument("--make-folder", metavar="OUT", help="build a JetClass-layout folder from --from by hard links")
-    ap.add_argument("--from", dest="src", metavar="DIR", help="a jetgen output folder (train/ val/ test/)")
-    ap.add_argument("--copies", type=int, default=7, help="times each generated file appears in --make-folder")
+    ap.add_argument("--stream", metavar="DIR",
+                    help="benchmark the streaming loader on this JetClass-layout folder")
+    ap.add_argument("--workers", default="1,2",
+                    help="--stream: comma-separated loader worker counts")
+    ap.add_argument("--make-folder", metavar="OUT",
+                    help="build a JetClass-layout folder from --from by hard links")
+    ap.add_argument("--from", dest="src", metavar="DIR",
+                    help="a jetgen output folder (train/ val/ test/)")
+    ap.add_argument("--copies", type=int, default=7,
+                    help="times each generated file appears in --make-folder")
     ap.add_argument("--rss-child", nargs=2, metavar=("DIR", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--peak-rss", nargs=argparse.REMAINDER, metavar="SCRIPT ...",
                     help="run a script with its flags in this process, then print the peak RSS "
@@ -241,7 +258,8 @@ def main():
                 idx = np.sort(order[i:i + args.batch_size])
                 total += float(hit.x[idx].sum() + hit.p4[idx, :, 3].sum()) + hit.valid[idx].sum()
             return total
-        timed(epoch, args.n_jets, f"cached epoch, 'full', shuffled numpy batches of {args.batch_size}")
+        timed(epoch, args.n_jets,
+              f"cached epoch, 'full', shuffled numpy batches of {args.batch_size}")
         import torch
         memory = common.JetStream(common.Jets(*(np.asarray(a) for a in (hit.x, hit.p4, hit.valid,
                                                                         hit.y, hit.jet))),

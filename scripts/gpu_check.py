@@ -181,7 +181,8 @@ def section_method(args, name):
     result = timed_train(args, name, lambda: module.train(method_args))
     write(args, name, result)  # the loader's figure follows; a cut run keeps this much
     ckpt = common.load_checkpoint(Path(args.out) / name / f"{name}.pt")
-    cfg, run_args = ckpt["encoder_config"], ckpt["args"]
+    cfg = ckpt["encoder_config"]
+    run_args = ckpt["args"]
     stream = common.JetStream("pythia", "train", path=data_dir(args), n_max=args.n_max,
                               features=run_args.get("features") or "kin",
                               batch_size=args.batch_size, workers=args.workers,

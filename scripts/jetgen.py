@@ -3,8 +3,10 @@
 The embedded default data set of nanojet: every script runs on these jets when no real data set
 has been downloaded, and the reader in common.py reads them exactly like real JetClass files.
 
-    python -m scripts.jetgen --out data/pythia --classes QCD,Tbqq --jets-per-class 10000 --seed 0 --workers 2
-    python -m scripts.jetgen --out data/pythia10 --classes all --preset jetclass --jets-per-class 1000
+    python -m scripts.jetgen --out data/pythia --classes QCD,Tbqq --jets-per-class 10000 \
+        --seed 0 --workers 2
+    python -m scripts.jetgen --out data/pythia10 --classes all --preset jetclass \
+        --jets-per-class 1000
 
 Physics (generator level, no detector simulation):
 - Processes (pp, sqrt(s) = 13 TeV for preset "jetclass", 14 TeV for "toptagging"):
@@ -73,7 +75,8 @@ import awkward as ak
 import numpy as np
 
 # --- constants ---------------------------------------------------------------------------------
-CLASSES = ["QCD", "Hbb", "Hcc", "Hgg", "H4q", "Hqql", "Zqq", "Wqq", "Tbqq", "Tbl"]  # JetClass label order
+# JetClass label order
+CLASSES = ["QCD", "Hbb", "Hcc", "Hgg", "H4q", "Hqql", "Zqq", "Wqq", "Tbqq", "Tbl"]
 PREFIX = {"QCD": "ZJetsToNuNu", "Hbb": "HToBB", "Hcc": "HToCC", "Hgg": "HToGG", "H4q": "HToWW4Q",
           "Hqql": "HToWW2Q1L", "Zqq": "ZToQQ", "Wqq": "WToQQ", "Tbqq": "TTBar", "Tbl": "TTBarLep"}
 SPLITS = ("train", "val", "test")
@@ -112,7 +115,8 @@ RESONANCES = np.array([6, 23, 24, 25])
 NEUTRINOS = np.array([12, 14, 16])
 R_JET = 0.8
 
-PART_FLOAT = ["px", "py", "pz", "energy", "deta", "dphi", "d0val", "d0err", "dzval", "dzerr", "charge"]
+PART_FLOAT = ["px", "py", "pz", "energy", "deta", "dphi", "d0val", "d0err", "dzval", "dzerr",
+              "charge"]
 PART_INT = ["isChargedHadron", "isNeutralHadron", "isPhoton", "isElectron", "isMuon"]
 JET = ["pt", "eta", "phi", "energy", "nparticles", "sdmass", "tau1", "tau2", "tau3", "tau4"]
 
@@ -173,7 +177,8 @@ def _truth_axes(prt, pid, status, offsets, cls):
     m1 = mother1 + base  # global index of the mother (0 -> the event's system entry)
     apid = np.abs(pid)
     is_res = np.isin(apid, RESONANCES)
-    prod = np.flatnonzero((np.abs(status) == 23) & ~is_res & is_res[m1] & ~np.isin(apid, NEUTRINOS))
+    prod = np.flatnonzero((np.abs(status) == 23) & ~is_res & is_res[m1]
+                          & ~np.isin(apid, NEUTRINOS))
 
     def first_copy(i):  # walk up the recoil copies (mother1 == mother2, same id) of a particle
         while True:
@@ -196,7 +201,8 @@ def _truth_axes(prt, pid, status, offsets, cls):
     order = np.argsort(inv, kind="stable")
     slot = np.empty_like(inv)
     slot[order] = np.arange(len(inv)) - np.searchsorted(inv[order], inv[order])
-    G, K = (grank.max() + 1 if len(groups) else 1), (slot.max() + 1 if len(slot) else 1)
+    G = grank.max() + 1 if len(groups) else 1
+    K = slot.max() + 1 if len(slot) else 1
     eta = np.full((B, G, K), np.nan)
     phi = np.full((B, G, K), np.nan)
     px, py, pz = (_flat(prt.p.px)[prod], _flat(prt.p.py)[prod], _flat(prt.p.pz)[prod])
@@ -244,11 +250,13 @@ def jets_from_batch(events, cls, preset, charge_of):
     vcount = np.bincount(event[vis], minlength=len(counts))
     voff = np.concatenate([[0], np.cumsum(vcount)])
     P = {k: _flat(getattr(prt.p, k))[vis] for k in ("px", "py", "pz", "e")}
-    V = {k: ak.to_numpy(ak.fill_none(_flat_opt(getattr(prt.vProd, k)), 0.0))[vis] for k in ("px", "py", "pz")}
+    V = {k: ak.to_numpy(ak.fill_none(_flat_opt(getattr(prt.vProd, k)), 0.0))[vis]
+         for k in ("px", "py", "pz")}
     vpid = pid[vis]
 
     # --- anti-kt R=0.8 on the whole batch, keep the two leading jets in the window ---
-    parts = ak.unflatten(ak.zip({"px": P["px"], "py": P["py"], "pz": P["pz"], "E": P["e"]}), vcount)
+    parts = ak.unflatten(ak.zip({"px": P["px"], "py": P["py"], "pz": P["pz"], "E": P["e"]}),
+                         vcount)
     cs = fastjet.ClusterSequence(parts, fastjet.JetDefinition(fastjet.antikt_algorithm, R_JET))
     min_pt = 0.5 * p["pt"][0]
     jets = cs.inclusive_jets(min_pt=min_pt)
@@ -258,12 +266,14 @@ def jets_from_batch(events, cls, preset, charge_of):
     jeta, jphi, jpt = _eta_phi(jpx, jpy, jpz)
     jevent = np.repeat(np.arange(len(counts)), njet)
     by_pt = ak.argsort(ak.unflatten(-jpt, njet), stable=True)
-    rank = ak.to_numpy(ak.flatten(ak.argsort(by_pt, stable=True)))  # pT rank of each jet in its event
+    # pT rank of each jet in its event
+    rank = ak.to_numpy(ak.flatten(ak.argsort(by_pt, stable=True)))
     keep = (rank < 2) & (jpt >= p["pt"][0]) & (jpt < p["pt"][1]) & (np.abs(jeta) < p["eta"])
 
     if cls in TRUTH:
         teta, tphi, good = _truth_axes(prt, pid, status, offsets, cls)
-        dr = np.hypot(teta[jevent] - jeta[:, None, None], _wrap(tphi[jevent] - jphi[:, None, None]))
+        dr = np.hypot(teta[jevent] - jeta[:, None, None],
+                      _wrap(tphi[jevent] - jphi[:, None, None]))
         dr = np.where(np.isnan(dr), 0.0, dr).max(axis=2)  # (J, G) farthest product of each group
         keep &= (good[jevent] & (dr < R_JET)).any(axis=1)
 
@@ -293,16 +303,19 @@ def jets_from_batch(events, cls, preset, charge_of):
         "d0val": d0, "d0err": np.where(charged, np.hypot(0.010, 0.030 / pt), 0.0),
         "dzval": dz, "dzerr": np.where(charged, np.hypot(0.020, 0.050 / pt), 0.0),
         "charge": charge,
-        "isChargedHadron": charged & (a != 11) & (a != 13), "isNeutralHadron": ~charged & (a != 22),
+        "isChargedHadron": charged & (a != 11) & (a != 13),
+        "isNeutralHadron": ~charged & (a != 22),
         "isPhoton": a == 22, "isElectron": a == 11, "isMuon": a == 13,
     }
-    part = {k: (v.astype(np.int32) if k in PART_INT else v.astype(np.float32)) for k, v in part.items()}
+    part = {k: (v.astype(np.int32) if k in PART_INT else v.astype(np.float32))
+            for k, v in part.items()}
 
     # --- substructure: soft drop and N-subjettiness on the C/A-reclustered constituents ---
     cons = ak.unflatten(ak.zip({"px": px, "py": py, "pz": pz, "E": e}), nconst)
     sub = fastjet.ClusterSequence(cons, fastjet.JetDefinition(fastjet.cambridge_algorithm, R_JET))
     sd = sub.exclusive_jets_softdrop_grooming(njets=1, beta=0.0, symmetry_cut=0.1, R0=R_JET)
-    taus = ak.to_numpy(sub.njettiness(measure_definition="NormalizedMeasure", axes_definition="KT_Axes",
+    taus = ak.to_numpy(sub.njettiness(measure_definition="NormalizedMeasure",
+                                      axes_definition="KT_Axes",
                                       njets=[1, 2, 3, 4], beta=1.0, R0=R_JET))  # (J, 4)
     jet = {"pt": jpt[sel], "eta": jeta[sel], "phi": jphi[sel], "energy": je[sel],
            "nparticles": nconst, "sdmass": ak.to_numpy(sd.msoftdrop),
@@ -330,8 +343,11 @@ def generate_jets(cls, n_jets, preset, seed, mpi=False, report=None):
     variants = VARIANTS.get(cls, [()])
     pythias = [make_pythia(cls, preset, seed + i, mpi, extra) for i, extra in enumerate(variants)]
     charge_of = make_charge_of(pythias[0])
-    chunks, done, events = [], 0, 0
-    batch = min(100, 8 * n_jets + 8)  # events per Pythia; small first batch keeps tiny samples fast
+    chunks = []
+    done = 0
+    events = 0
+    # events per Pythia; a small first batch keeps tiny samples fast
+    batch = min(100, 8 * n_jets + 8)
     while done < n_jets:
         for pythia in pythias:  # variants get the same number of events
             out = jets_from_batch(pythia.nextBatch(batch), cls, preset, charge_of)
@@ -342,7 +358,8 @@ def generate_jets(cls, n_jets, preset, seed, mpi=False, report=None):
                 report(max(0, min(n, n_jets - done)))
             done += n
         if done == 0 and events >= 5000:
-            raise RuntimeError(f"{cls}: no jet passed the window and truth match in {events} events")
+            raise RuntimeError(f"{cls}: no jet passed the window and truth match in "
+                               f"{events} events")
         # next batch sized from the efficiency so far (deterministic: depends only on the events)
         eff = max(done, 1) / events
         batch = int(min(2000, max(20, 1.2 * (n_jets - done) / eff / len(pythias))))
@@ -365,7 +382,8 @@ def write_root(path, cls, nconst, part, jet):
     tmp = Path(str(path) + ".tmp")
     with uproot.recreate(tmp) as f:
         # mktree: a TTree like JetClass (assigning a dict would make uproot 5.7 write an RNTuple)
-        f.mktree("tree", {k: (v.type if isinstance(v, ak.Array) else v.dtype) for k, v in tree.items()})
+        f.mktree("tree", {k: (v.type if isinstance(v, ak.Array) else v.dtype)
+                          for k, v in tree.items()})
         f["tree"].extend(tree)
     os.replace(tmp, path)
 
@@ -413,9 +431,11 @@ def plan(out, classes, jets_per_class, seed, preset, split, jets_per_file, mpi):
     for c in classes:
         if c not in PRESETS[preset]["classes"]:
             raise ValueError(f"--classes: {c!r} is not generated by preset {preset!r} "
-                             f"(allowed: {','.join(PRESETS[preset]['classes'])}; --preset jetclass has all ten)")
+                             f"(allowed: {','.join(PRESETS[preset]['classes'])}; "
+                             f"--preset jetclass has all ten)")
     if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1) > 1e-6:
-        raise ValueError(f"--split {split}: give three non-negative fractions summing to 1, e.g. 0.8,0.1,0.1")
+        raise ValueError(f"--split {split}: give three non-negative fractions summing to 1, "
+                         f"e.g. 0.8,0.1,0.1")
     if jets_per_class < 1 or jets_per_file < 1:
         raise ValueError("--jets-per-class and --jets-per-file must be positive")
     tasks = []
@@ -450,8 +470,9 @@ def _finished(path, n):
     return True
 
 
-def generate(out, classes=("QCD", "Tbqq"), jets_per_class=1000, seed=0, workers=1, preset="toptagging",
-             split=(0.8, 0.1, 0.1), progress=True, jets_per_file=10_000, mpi=False):
+def generate(out, classes=("QCD", "Tbqq"), jets_per_class=1000, seed=0, workers=1,
+             preset="toptagging", split=(0.8, 0.1, 0.1), progress=True, jets_per_file=10_000,
+             mpi=False):
     """Generate jets_per_class jets of each class into out/{train,val,test}/ (see the module
     docstring); files that already exist are kept. Returns the paths of all files of the sample."""
     classes = list(classes)
@@ -460,12 +481,14 @@ def generate(out, classes=("QCD", "Tbqq"), jets_per_class=1000, seed=0, workers=
     for s in SPLITS:
         (Path(out) / s).mkdir(parents=True, exist_ok=True)
     from tqdm import tqdm
-    bar = tqdm(total=sum(n for t in todo for _, n in t[1]), unit="jet", desc="jetgen", disable=not progress)
+    bar = tqdm(total=sum(n for t in todo for _, n in t[1]), unit="jet", desc="jetgen",
+               disable=not progress)
     if workers <= 1 or len(todo) <= 1:
         for t in todo:
             run_task(t, report=bar.update)
     else:
-        ctx = mp.get_context("spawn")  # a clean interpreter per worker, safe even if torch is loaded
+        # a clean interpreter per worker, safe even if torch is loaded
+        ctx = mp.get_context("spawn")
         q = ctx.Queue()
         with ctx.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(q,)) as pool:
             result = pool.map_async(run_task, todo, chunksize=1)
@@ -483,36 +506,41 @@ def generate(out, classes=("QCD", "Tbqq"), jets_per_class=1000, seed=0, workers=
 
 # --- command line --------------------------------------------------------------------------------
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="Generate boosted jets with Pythia 8 + fastjet in the "
-                                             "JetClass ROOT layout.")
+    ap = argparse.ArgumentParser(description="Generate boosted jets with Pythia 8 + fastjet in "
+                                             "the JetClass ROOT layout.")
     ap.add_argument("--out", required=True, help="output folder (gets train/ val/ test/)")
     ap.add_argument("--classes", default="QCD,Tbqq",
                     help=f"comma-separated JetClass labels or 'all' ({','.join(CLASSES)})")
-    ap.add_argument("--jets-per-class", type=int, default=1000, help="jets per class over all splits")
+    ap.add_argument("--jets-per-class", type=int, default=1000,
+                    help="jets per class over all splits")
     ap.add_argument("--seed", type=int, default=0, help="master seed; same seed -> same jets")
     ap.add_argument("--workers", type=int, default=1, help="parallel processes (one Pythia each)")
     ap.add_argument("--preset", default="toptagging", choices=list(PRESETS),
                     help="jet window: toptagging = 550-650 GeV, 14 TeV, QCD/Tbqq only; "
                          "jetclass = 500-1000 GeV, 13 TeV, all ten classes")
-    ap.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions of each class")
+    ap.add_argument("--split", default="0.8,0.1,0.1",
+                    help="train,val,test fractions of each class")
     ap.add_argument("--jets-per-file", type=int, default=10_000,
-                    help="at most this many jets per chunk; chunk k (file k of train/val/test, one "
-                         "Pythia) is the unit of parallel work")
-    ap.add_argument("--mpi", action="store_true", help="multi-parton interactions on (about 3x slower)")
+                    help="at most this many jets per chunk; chunk k (file k of train/val/test, "
+                         "one Pythia) is the unit of parallel work")
+    ap.add_argument("--mpi", action="store_true",
+                    help="multi-parton interactions on (about 3x slower)")
     return ap.parse_args(argv)
 
 
 def main(argv=None):
     args = get_args(argv)
-    classes = CLASSES if args.classes == "all" else [c.strip() for c in args.classes.split(",") if c.strip()]
+    classes = (CLASSES if args.classes == "all"
+               else [c.strip() for c in args.classes.split(",") if c.strip()])
     try:
         split = tuple(float(x) for x in args.split.split(","))
     except ValueError:
         raise SystemExit(f"--split {args.split!r}: give three numbers, e.g. 0.8,0.1,0.1") from None
     t0 = time.time()
     try:
-        paths = generate(args.out, classes, args.jets_per_class, args.seed, args.workers, args.preset,
-                         split, progress=True, jets_per_file=args.jets_per_file, mpi=args.mpi)
+        paths = generate(args.out, classes, args.jets_per_class, args.seed, args.workers,
+                         args.preset, split, progress=True, jets_per_file=args.jets_per_file,
+                         mpi=args.mpi)
     except ValueError as err:
         raise SystemExit(str(err)) from None
     print(f"{len(paths)} files under {args.out} ({time.time() - t0:.1f} s)")

@@ -38,8 +38,8 @@ tables and plots.
 CPU study (issue 19 item 6; 2 cores). Data: ten-class jets without MPI for pretraining (50k
 training jets; the 10k set is a class-balanced subset of them), and top vs QCD in the Top
 Tagging window with MPI and another seed for fine-tuning (20k train, 2k val, 10k test):
-  python -m scripts.jetgen --out data/study/pre --preset jetclass --classes all --jets-per-class 6250 \
-      --split 0.8,0.1,0.1 --seed 101 --workers 2
+  python -m scripts.jetgen --out data/study/pre --preset jetclass --classes all \
+      --jets-per-class 6250 --split 0.8,0.1,0.1 --seed 101 --workers 2
   python -m scripts.jetgen --out data/study/ft --preset toptagging --classes QCD,Tbqq --mpi \
       --jets-per-class 16000 --split 0.625,0.0625,0.3125 --seed 202 --workers 2
   timeout 90m python -m scripts.study --methods jjepa,jetclr,mpm,diffmae --pretrain-data pythia \
@@ -59,15 +59,16 @@ about 16,000 pretraining and 120,000 fine-tuning steps. At the ~0.3 s per step (
 included) of the earlier CPU study's small models, that is about 12 hours, some 8 parts; time
 the first part and add --no-probe (about a fifth less) if it must be shorter.
 GPU (the real study; see the README for the run time):
-  python -m scripts.study --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass --finetune-data \
-      toptagging --pretrain-jets 1000000,10000000 --labels 100,1000,10000,all --seeds 5 \
-      --n-eval 20000 --workers 8 --out out/study
+  python -m scripts.study --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass \
+      --finetune-data toptagging --pretrain-jets 1000000,10000000 \
+      --labels 100,1000,10000,all --seeds 5 --n-eval 20000 --workers 8 --out out/study
 CPU smoke run (generated jets):
-  python -m scripts.study --methods jetclr,mpm --pretrain-data pythia --pretrain-dir D1 --finetune-data \
-      pythia --finetune-dir D2 --pretrain-jets 400,800 --labels 100,all --seeds 2 --steps 10 \
-      --device cpu --method-args jetclr="--dim 32 --depth 2" --out OUT
-  python -m scripts.study --grid diffmae --pretrain-data pythia --pretrain-dir D1 --finetune-data pythia \
-      --finetune-dir D2 --pretrain-jets 2000 --labels all --seeds 1 --out out/grid
+  python -m scripts.study --methods jetclr,mpm --pretrain-data pythia --pretrain-dir D1 \
+      --finetune-data pythia --finetune-dir D2 --pretrain-jets 400,800 --labels 100,all \
+      --seeds 2 --steps 10 --device cpu --method-args jetclr="--dim 32 --depth 2" --out OUT
+  python -m scripts.study --grid diffmae --pretrain-data pythia --pretrain-dir D1 \
+      --finetune-data pythia --finetune-dir D2 --pretrain-jets 2000 --labels all --seeds 1 \
+      --out out/grid
 """
 import argparse
 import contextlib
@@ -102,7 +103,8 @@ ENTRY = {"jjepa": (jjepa.get_args, jjepa.train), "jetclr": (jetclr.get_args, jet
          "finetune": (finetune.get_args, finetune.main)}
 # grids swept when --grid METHOD comes without --sweep: the DiffMAE talk's mask x pred table,
 # MPM v1's table of where the pT order enters
-DEFAULT_SWEEPS = {"diffmae": ["mask-ratio=0.125,0.25,0.5,0.75", "pred-ratio=1tok,0.125,0.25,0.5,0.75"],
+DEFAULT_SWEEPS = {"diffmae": ["mask-ratio=0.125,0.25,0.5,0.75",
+                              "pred-ratio=1tok,0.125,0.25,0.5,0.75"],
                   "mpm": ["style=bert", "order=none,input,head"]}
 # (name, results key, higher is better) of the table's columns
 METRICS = [("acc", "acc", True), ("AUC", "auc", True), ("1/eps_B(0.5)", "rej50", True),
@@ -126,24 +128,29 @@ def get_args(argv=None):
     g.add_argument("--grid", choices=METHODS, default=None,
                    help="sweep this method's settings (--sweep) instead of comparing methods")
     g.add_argument("--sweep", action="append", default=None, metavar="FLAG=V1,V2",
-                   help="--grid: one swept flag of the method script (repeat for a cartesian product)")
+                   help="--grid: one swept flag of the method script (repeat for a cartesian "
+                        "product)")
     g.add_argument("--method-args", action="append", default=[], metavar='METHOD="FLAGS"',
                    help='extra flags for one method script, e.g. jetclr="--dim 32 --depth 2" '
                         "(repeatable; they come last, so they override the study's)")
     g.add_argument("--finetune-args", default="", metavar='"FLAGS"',
                    help='extra flags for every finetune.py run, e.g. "--head mlp"')
     g = p.add_argument_group("data")
-    g.add_argument("--pretrain-data", choices=["pythia", "jetclass", "toptagging"], default="jetclass")
-    g.add_argument("--pretrain-dir", default=None, help="pretraining data folder (None: data/<data>)")
-    g.add_argument("--finetune-data", choices=["pythia", "jetclass", "toptagging"], default="toptagging")
-    g.add_argument("--finetune-dir", default=None, help="fine-tuning data folder (None: data/<data>)")
+    g.add_argument("--pretrain-data", choices=["pythia", "jetclass", "toptagging"],
+                   default="jetclass")
+    g.add_argument("--pretrain-dir", default=None,
+                   help="pretraining data folder (None: data/<data>)")
+    g.add_argument("--finetune-data", choices=["pythia", "jetclass", "toptagging"],
+                   default="toptagging")
+    g.add_argument("--finetune-dir", default=None,
+                   help="fine-tuning data folder (None: data/<data>)")
     g.add_argument("--pretrain-jets", default="10000,100000,1000000",
                    help="comma-separated pretraining sizes (class-balanced subsets)")
     g.add_argument("--labels", default="100,1000,10000,all",
                    help="comma-separated numbers of labelled fine-tuning jets, or all")
     g.add_argument("--n-eval", type=common.positive_int, default=None,
-                   help="validation/test jets of every run, pretraining and fine-tuning (None: each "
-                        "script's; >= 5000 resolves 1/eps_B at low labels)")
+                   help="validation/test jets of every run, pretraining and fine-tuning "
+                        "(None: each script's; >= 5000 resolves 1/eps_B at low labels)")
     g.add_argument("--n-val", type=common.positive_int, default=2000,
                    help="validation jets of every fine-tuning (scored ~20 times per run)")
     g.add_argument("--pretrain-features", choices=["auto", "kin", "full"], default="auto",
@@ -156,9 +163,11 @@ def get_args(argv=None):
                         "and initial head are shared by the pretrained and scratch arms")
     g.add_argument("--cheap-seeds", type=common.positive_int, default=10,
                    help=f"seeds at label counts up to {CHEAP_LABELS} (at least --seeds)")
-    g.add_argument("--seed", type=common.nonneg_int, default=0, help="seed of the pretraining and the first fine-tuning")
+    g.add_argument("--seed", type=common.nonneg_int, default=0,
+                   help="seed of the pretraining and the first fine-tuning")
     g.add_argument("--steps", type=common.positive_int, default=None,
-                   help="cap every pretraining and fine-tuning at this many optimizer steps (smoke runs)")
+                   help="cap every pretraining and fine-tuning at this many optimizer steps "
+                        "(smoke runs)")
     g.add_argument("--pretrain-epochs", type=common.positive_int, default=None,
                    help="pretraining epochs (None: the script's)")
     g.add_argument("--pretrain-steps", type=common.positive_int, default=None,
@@ -182,17 +191,19 @@ def get_args(argv=None):
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="out/study", help="folder of the cells and the report")
-    g.add_argument("--tsne-jets", type=common.nonneg_int, default=2000, help="test jets per t-SNE map (0: no t-SNE)")
+    g.add_argument("--tsne-jets", type=common.nonneg_int, default=2000,
+                   help="test jets per t-SNE map (0: no t-SNE)")
     g.add_argument("--in-process", action="store_true",
-                   help="run the cells in this process (no torch import per cell: tests, tiny runs)")
+                   help="run the cells in this process (no torch import per cell: tests, "
+                        "tiny runs)")
     args = p.parse_args(argv)
     try:
         args.sizes = sorted({int(n) for n in args.pretrain_jets.split(",")})
         args.label_counts = sorted({x if x == "all" else int(x) for x in args.labels.split(",")},
                                    key=lambda x: math.inf if x == "all" else x)
     except ValueError:
-        p.error(f"--pretrain-jets {args.pretrain_jets!r} / --labels {args.labels!r}: give integers "
-                "separated by commas (labels may include all)")
+        p.error(f"--pretrain-jets {args.pretrain_jets!r} / --labels {args.labels!r}: "
+                "give integers separated by commas (labels may include all)")
     args.extra = {}
     for item in args.method_args:
         name, sep, flags = item.partition("=")
@@ -216,7 +227,8 @@ def get_args(argv=None):
 
 
 def grid_variants(method, sweeps):
-    """--sweep FLAG=V1,V2 ... -> one variant per combination: dict(name, method, flags, setting)."""
+    """--sweep FLAG=V1,V2 ... -> one variant per combination: dict(name, method, flags,
+    setting)."""
     axes = []
     for s in sweeps:
         flag, sep, values = s.partition("=")
@@ -229,7 +241,8 @@ def grid_variants(method, sweeps):
         # CrossMAE decodes a subset of the hidden particles: diffmae caps pred at mask, so a
         # larger pred ratio would repeat the capped cell
         pred, mask = setting.get("pred-ratio"), setting.get("mask-ratio")
-        if method == "diffmae" and pred not in (None, "1tok") and mask and float(pred) > float(mask):
+        if (method == "diffmae" and pred not in (None, "1tok") and mask
+                and float(pred) > float(mask)):
             continue
         name = method + "_" + "_".join(f"{k}{v}" for k, v in combo)
         flags = [x for k, v in combo for x in (f"--{k}", v)]
@@ -263,8 +276,10 @@ def launch(cmd, log_path, in_process=False):
 
 def run_cell(args, kind, name, script, argv, product):
     """Run `script argv` as cell <kind>/<name> unless <kind>/<name>/<product> exists. The run
-    writes into <kind>/.tmp/<name> (argv says so through OUTDIR) and is renamed when it ends well."""
-    final, tmp = Path(args.out) / kind / name, Path(args.out) / kind / ".tmp" / name
+    writes into <kind>/.tmp/<name> (argv says so through OUTDIR) and is renamed when it ends
+    well."""
+    final = Path(args.out) / kind / name
+    tmp = Path(args.out) / kind / ".tmp" / name
     record = [script, *argv]
     if (final / product).exists():
         stored = final / "cell.json"
@@ -280,7 +295,8 @@ def run_cell(args, kind, name, script, argv, product):
     print(f"  {kind}/{name}: python {shlex.join([script] + cmd[1:])}", flush=True)
     if not launch(cmd, tmp / "log.txt", args.in_process) or not (tmp / product).exists():
         raise SystemExit(f"study: cell {kind}/{name} failed; see {tmp / 'log.txt'}")
-    (tmp / "cell.json").write_text(json.dumps(dict(cmd=record, seconds=time.time() - t0), indent=1))
+    (tmp / "cell.json").write_text(json.dumps(dict(cmd=record, seconds=time.time() - t0),
+                                              indent=1))
     shutil.rmtree(final, ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, final)
@@ -323,8 +339,9 @@ def pretrain_argv(args, variant, n):
     method = variant["method"]
     features = ["--features", features_of(args)]
     steps = min(s for s in (args.steps, args.pretrain_steps, math.inf) if s)
-    return (["--data", args.pretrain_data, *opt("--data-dir", args.pretrain_dir), "--n-jets", str(n),
-             *opt("--n-eval", args.n_eval), *opt("--epochs", args.pretrain_epochs),
+    return (["--data", args.pretrain_data, *opt("--data-dir", args.pretrain_dir),
+             "--n-jets", str(n), *opt("--n-eval", args.n_eval),
+             *opt("--epochs", args.pretrain_epochs),
              *opt("--steps", None if steps == math.inf else steps),
              *opt("--batch-size", args.batch_size),
              *opt("--workers", args.workers), "--device", args.device, "--seed", str(args.seed),
@@ -376,7 +393,8 @@ def run_study(args):
         arch = architecture(ckpts[v["name"], args.sizes[0]])
         if arch not in scratch:
             name = f"scratch_{v['method']}"
-            if name in {s["name"] for s in scratch.values()}:  # a grid setting that changes the encoder
+            # a grid setting that changes the encoder
+            if name in {s["name"] for s in scratch.values()}:
                 name = f"scratch_{v['name']}"
             scratch[arch] = dict(name=name, ckpt=ckpts[v["name"], args.sizes[0]], variants=[])
         scratch[arch]["variants"].append(v["name"])
@@ -384,8 +402,9 @@ def run_study(args):
     for labels in args.label_counts:
         for s in scratch.values():
             cell = finetune_cell(args, f"{s['name']}_L{labels}", s["ckpt"], labels, scratch=True)
-            rows.append(dict(model=s["name"], scratch=True, variants=s["variants"], pretrain_jets=0,
-                             labels=labels, ckpt=str(s["ckpt"]), cell=str(cell.relative_to(out))))
+            rows.append(dict(model=s["name"], scratch=True, variants=s["variants"],
+                             pretrain_jets=0, labels=labels, ckpt=str(s["ckpt"]),
+                             cell=str(cell.relative_to(out))))
         for v in args.variants:
             base = next(s["name"] for s in scratch.values() if v["name"] in s["variants"])
             for n in args.sizes:
@@ -413,7 +432,8 @@ def aggregate(values):
         return dict(mean=math.nan, std=math.nan, n=0)
     if not np.isfinite(x).all():
         return dict(mean=float(np.mean(x)), std=math.nan, n=len(x))
-    return dict(mean=float(x.mean()), std=float(x.std(ddof=1)) if len(x) > 1 else math.nan, n=len(x))
+    return dict(mean=float(x.mean()), std=float(x.std(ddof=1)) if len(x) > 1 else math.nan,
+                n=len(x))
 
 
 def paired(a, b):
@@ -422,7 +442,8 @@ def paired(a, b):
     distribution with n - 1 degrees of freedom, and the two-sided paired t-test p-value."""
     seeds = [k for k in a if k in b and a[k] is not None and b[k] is not None
              and math.isfinite(a[k]) and math.isfinite(b[k])]
-    x, y = np.array([a[k] for k in seeds], float), np.array([b[k] for k in seeds], float)
+    x = np.array([a[k] for k in seeds], float)
+    y = np.array([b[k] for k in seeds], float)
     d = x - y
     out = dict(mean=float(d.mean()) if len(d) else math.nan, lo=math.nan, hi=math.nan,
                p=math.nan, n=len(d))
@@ -615,13 +636,15 @@ def write_markdown(args, rows, path):
                          fmt_p(r["holm_p"])]
                 cells += [fmt_diff(d[k], k) for _, k, _ in METRICS if k != "auc"]
                 cells.append(fmt_diff(r["probe"], "auc") if "probe" in r else "-")
-                lines.append(f"| {r['model']} | {r['pretrain_jets']} | " + " | ".join(cells) + " |")
+                lines.append(f"| {r['model']} | {r['pretrain_jets']} | "
+                             + " | ".join(cells) + " |")
         lines.append("")
     pre_runs = pretraining_rows(rows)
     if pre_runs:
         lines += ["## Pretraining runs", "", "The SSL validation loss has flattened when it moves "
                   "by less than 1% over the last quarter of the steps.", "",
-                  "| model | pretraining jets | steps | final SSL val loss | last-quarter change |",
+                  "| model | pretraining jets | steps | final SSL val loss "
+                  "| last-quarter change |",
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {p['model']} | {p['pretrain_jets']} | {p['steps']} | {p['val_loss']:.4g} | "
                   f"{100 * p['change']:.2f}% |" for p in pre_runs]
@@ -647,11 +670,13 @@ def grid_matrix(args, rows):
     lines = []
     for labels in args.label_counts:
         acc = {(r["setting"][f1], r["setting"][f2]): r["stats"]["acc"]["mean"] for r in rows
-               if not r["scratch"] and r["labels"] == labels and r["pretrain_jets"] == args.sizes[-1]}
+               if not r["scratch"] and r["labels"] == labels
+               and r["pretrain_jets"] == args.sizes[-1]}
         lines += [f"## Accuracy, {label_text(labels)}, {args.sizes[-1]} pretraining jets: "
                   f"rows {f1}, columns {f2}",
                   "", f"| {f1} | " + " | ".join(v2) + " |", "|---|" + "---:|" * len(v2)]
-        lines += [f"| {a} | " + " | ".join(f"{acc[a, b]:.4f}" if (a, b) in acc else "-" for b in v2) + " |"
+        lines += [f"| {a} | "
+                  + " | ".join(f"{acc[a, b]:.4f}" if (a, b) in acc else "-" for b in v2) + " |"
                   for a in v1]
         lines.append("")
     return lines
@@ -677,14 +702,17 @@ def band(ax, x, stats, key, **kw):
 def plot_labels(args, rows, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    colour = {v["name"]: f"C{i}" for i, v in enumerate(args.variants)}  # scratch: its first variant's
+    # scratch: its first variant's
+    colour = {v["name"]: f"C{i}" for i, v in enumerate(args.variants)}
     for model in dict.fromkeys(r["model"] for r in rows):
-        sub = [r for r in rows if r["model"] == model and r["pretrain_jets"] in (0, args.sizes[-1])]
+        sub = [r for r in rows
+               if r["model"] == model and r["pretrain_jets"] in (0, args.sizes[-1])]
         scratch = sub[0]["scratch"]
         label = model if scratch else f"{model} ({args.sizes[-1]} pretraining jets)"
         for ax, key in zip(axes, ("rej50", "acc")):
             band(ax, [r["n_train"] for r in sub], [r["stats"] for r in sub], key, label=label,
-                 color=colour[sub[0]["variants"][0] if scratch else model], ls="--" if scratch else "-")
+                 color=colour[sub[0]["variants"][0] if scratch else model],
+                 ls="--" if scratch else "-")
     for ax, name in zip(axes, ("1/eps_B at eps_S = 0.5", "accuracy")):
         ax.set(xscale="log", xlabel="labelled training jets", ylabel=name)
     axes[1].legend(fontsize=7)
@@ -703,8 +731,8 @@ def plot_sizes(args, rows, path):
             sub = [r for r in rows if r["model"] == model and r["labels"] == labels]
             base = scratch_of(rows, sub[0])
             for ax, key in zip(row, ("rej50", "steps")):
-                band(ax, [r["pretrain_jets"] for r in sub], [r["stats"] for r in sub], key, label=model,
-                     color=f"C{i}")
+                band(ax, [r["pretrain_jets"] for r in sub], [r["stats"] for r in sub], key,
+                     label=model, color=f"C{i}")
                 if math.isfinite(base["stats"][key]["mean"]):
                     ax.axhline(base["stats"][key]["mean"], color=f"C{i}", ls=":", lw=1)
         row[0].set(xscale="log", ylabel="1/eps_B at eps_S = 0.5", title=label_text(labels))
@@ -743,7 +771,8 @@ def plot_gain(args, rows, path):
 
 def tsne_map(out, cell, n_jets, seed=0):
     """2-D t-SNE of a fine-tuning cell's test_repr.npz (cached in tsne/<cell>.npz), or None."""
-    src, cache = Path(out) / cell / "test_repr.npz", Path(out) / "tsne" / (Path(cell).name + ".npz")
+    src = Path(out) / cell / "test_repr.npz"
+    cache = Path(out) / "tsne" / (Path(cell).name + ".npz")
     if cache.exists():
         d = np.load(cache)
         return d["xy"], d["y"]
@@ -753,7 +782,8 @@ def tsne_map(out, cell, n_jets, seed=0):
     d = np.load(src)
     z, y = d["z"][:n_jets], d["y"][:n_jets]
     perplexity = min(30.0, max(1.0, (len(z) - 1) / 3))
-    xy = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(z.astype(np.float64))
+    xy = TSNE(2, perplexity=perplexity, init="pca",
+              random_state=seed).fit_transform(z.astype(np.float64))
     cache.parent.mkdir(exist_ok=True)
     tmp = cache.with_name(cache.stem + ".tmp.npz")
     np.savez(tmp, xy=xy, y=y)
@@ -778,9 +808,11 @@ def plot_tsne(args, rows, path):
     for row, pair in zip(axes, pairs):
         for ax, r in zip(row, pair):
             xy, y = maps[r["cell"]]
-            names = json.loads((Path(args.out) / r["cell"] / "results.json").read_text()).get("classes")
+            names = json.loads((Path(args.out) / r["cell"] / "results.json")
+                               .read_text()).get("classes")
             for c in np.unique(y):
-                ax.scatter(*xy[y == c].T, s=3, alpha=0.6, label=names[c] if names else f"class {c}")
+                ax.scatter(*xy[y == c].T, s=3, alpha=0.6,
+                           label=names[c] if names else f"class {c}")
             size = "" if r["scratch"] else f", {r['pretrain_jets']} pretraining jets"
             ax.set_title(f"{r['model']}{size}, {label_text(labels)}", fontsize=8)
             ax.set_xticks([]), ax.set_yticks([])
@@ -809,7 +841,8 @@ def report(args, rows):
     made = args.tsne_jets > 0 and plot_tsne(args, rows, out / "tsne.png")
     print(f"wrote {out / 'study.json'}, {out / 'study.md'}, labels.png, gain.png"
           + (", pretrain_size.png" if len(args.sizes) > 1 else "")
-          + (", tsne.png" if made else " (no t-SNE: --tsne-jets 0, or a cell without test_repr.npz)"))
+          + (", tsne.png" if made
+             else " (no t-SNE: --tsne-jets 0, or a cell without test_repr.npz)"))
     return study
 
 
@@ -817,8 +850,9 @@ def main(args):
     # two studies in one --out would delete each other's running cells (run_cell's .tmp)
     common.lock_output(Path(args.out) / "study.json")
     n_pre = len(args.variants) * len(args.sizes)
-    print(f"study: {len(args.variants)} model(s) x {len(args.sizes)} size(s) = {n_pre} pretraining runs, "
-          f"then {len(args.label_counts)} label count(s) x {args.seeds} seed(s) of fine-tuning; "
+    print(f"study: {len(args.variants)} model(s) x {len(args.sizes)} size(s) = "
+          f"{n_pre} pretraining runs, then {len(args.label_counts)} label count(s) x "
+          f"{args.seeds} seed(s) of fine-tuning; "
           f"out {args.out}, git {common.git_hash()}")
     rows = run_study(args)
     return report(args, rows)
