@@ -1381,6 +1381,17 @@ def _open_root_cached(path, pid, mtime, size):
 
 
 def _num_entries(source, path):
+    """Jets in a file. Every stream counts its files when it is made (finetune.py and the study
+    make many), so the count is kept per file and version (mtime, size)."""
+    try:
+        st = os.stat(path)
+    except OSError:  # let the reader's open name the file in its one line
+        return _count_entries(source, str(path), None, None)
+    return _count_entries(source, str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_entries(source, path, mtime, size):
     if source == "toptagging":
         f, table = _open_h5(path)
         with f:
