@@ -30,8 +30,9 @@ def test_step_clock_pairs_forwards_with_steps():
 
 
 def test_bench_method_jetclr(tiny_pythia10, capsys):
-    args = bench_train.get_args(["--method", "jetclr", "--data-dir", str(tiny_pythia10), "--device", "cpu",
-                                 "--batch-size", "8", "--steps", "3", "--warmup", "1", "--n-eval", "8",
+    args = bench_train.get_args(["--method", "jetclr", "--data-dir", str(tiny_pythia10),
+                                 "--device", "cpu", "--batch-size", "8", "--steps", "3",
+                                 "--warmup", "1", "--n-eval", "8",
                                  "--method-args", "--dim 16 --depth 1 --cls-depth 1 --heads 2"])
     r = bench_train.bench_method(args)
     assert all(math.isfinite(v) and v > 0 for v in r.values())

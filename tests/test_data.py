@@ -66,7 +66,8 @@ def write_toptagging(path, constituents, labels, **create):
     block0 = np.zeros((n, 804), dtype=np.float32)
     c = np.asarray(constituents, dtype=np.float32)
     block0[:, :4 * c.shape[1]] = c.reshape(n, -1)
-    dt = np.dtype([("index", "<i8"), ("values_block_0", "<f4", (804,)), ("values_block_1", "<i8", (2,))])
+    dt = np.dtype([("index", "<i8"), ("values_block_0", "<f4", (804,)),
+                   ("values_block_1", "<i8", (2,))])
     rows = np.zeros(n, dtype=dt)
     rows["index"] = np.arange(n)
     rows["values_block_0"] = block0
@@ -259,7 +260,8 @@ def test_jetgen_round_trip(request):
 def test_cache_hit_miss_invalidation(jc, tmp_cache, monkeypatch):
     reads = []
     reader = common.READERS["jetclass"]
-    monkeypatch.setitem(common.READERS, "jetclass", lambda f, *a, **k: reads.append(f) or reader(f, *a, **k))
+    monkeypatch.setitem(common.READERS, "jetclass",
+                        lambda f, *a, **k: reads.append(f) or reader(f, *a, **k))
     a = common.load_jets("jetclass", jc, split="val", n_max=32)
     assert len(reads) == 2                                   # miss: both files decoded
     entries = lambda: sorted(p.name for p in tmp_cache.iterdir())  # noqa: E731
@@ -414,7 +416,8 @@ def test_download_cli_extracts_tar(server, tmp_path, jc, monkeypatch):
                         [(server + "/JetClass_Pythia_val_5M.tar", md5)])
     out = tmp_path / "dl"
     download.main(["jetclass", "--split", "val", "--dir", str(out), "--no-progress"])
-    assert (out / "val_5M/TTBar_000.root").exists() and not (out / "JetClass_Pythia_val_5M.tar").exists()
+    assert ((out / "val_5M/TTBar_000.root").exists()
+            and not (out / "JetClass_Pythia_val_5M.tar").exists())
     assert len(common.load_jets("jetclass", out, split="val")) == 100
     download.main(["jetclass", "--split", "val", "--dir", str(out), "--no-progress"])
     assert len(RangeHandler.ranges) == 1                    # second call: already extracted

@@ -15,8 +15,8 @@ TINY = ["--size", "tiny", "--epochs", "2", "--batch-size", "16", "--n-jets", "48
 
 def unit_args(*flags):
     """Arguments for the unit tests: tiny sizes, a quarter of each jet hidden and decoded."""
-    return diffmae.get_args(["--size", "tiny", "--n-max", "24", "--diff-mul", "3", "--mask-ratio", "0.25",
-                             "--pred-ratio", "0.25", *flags])
+    return diffmae.get_args(["--size", "tiny", "--n-max", "24", "--diff-mul", "3",
+                             "--mask-ratio", "0.25", "--pred-ratio", "0.25", *flags])
 
 
 def tiny_model(*flags):
@@ -57,7 +57,8 @@ def memory_jets(n, seed, n_short=0, N=24):
     counts[:n_short] = 1
     valid = torch.arange(N)[None] < counts[:, None]
     p4 = fake_p4(n, N, seed) * valid[..., None]
-    x = jet_frame(torch.randn(n, N, 17, generator=torch.Generator().manual_seed(seed + 1)), p4, valid)
+    x = jet_frame(torch.randn(n, N, 17, generator=torch.Generator().manual_seed(seed + 1)),
+                  p4, valid)
     return common.Jets(x=x.numpy(), p4=p4.numpy(), valid=valid.numpy(),
                        y=(torch.arange(n) % 2).numpy(), jet=torch.zeros(n, 4).numpy())
 
@@ -69,7 +70,8 @@ MEMORY = ["--size", "tiny", "--n-max", "24", "--batch-size", "16", "--n-eval", "
 def memory_run(out, *flags, n_short=0):
     """A tiny run on in-memory jets (train(args, data=...)): 48 train jets, 3 steps an epoch."""
     args = diffmae.get_args(MEMORY + ["--out", str(out), *flags])
-    return diffmae.train(args, data=dict(train=memory_jets(48, 0, n_short), val=memory_jets(16, 1)))
+    return diffmae.train(args, data=dict(train=memory_jets(48, 0, n_short),
+                                         val=memory_jets(16, 1)))
 
 
 def run(tmp_path, data, *extra):
@@ -91,7 +93,8 @@ def test_gqa_equals_mha_with_repeated_kv():
     s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
     s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
     ref = blk.proj((s.softmax(-1) @ v).transpose(1, 2).reshape(3, 5, 32))
-    torch.testing.assert_close(blk.attend(x, mem, diffmae.key_mask(valid)), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(blk.attend(x, mem, diffmae.key_mask(valid)), ref,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_masks_disjoint_and_sized():
@@ -99,16 +102,20 @@ def test_masks_disjoint_and_sized():
     vis_idx, vis_valid, pred_idx, pred_valid, _ = diffmae.make_masks(
         valid, 0.25, "1tok", torch.Generator().manual_seed(0))
     n = valid.sum(1)
-    assert vis_valid.sum(1).tolist() == [18, 16, 13, 7, 1, 0]       # n - round(0.25 n), >= 1 hidden
+    # n - round(0.25 n), >= 1 hidden
+    assert vis_valid.sum(1).tolist() == [18, 16, 13, 7, 1, 0]
     assert pred_valid.sum(1).tolist() == [1, 1, 1, 1, 1, 0]
     for b in range(len(n)):
-        seen, pred = set(vis_idx[b][vis_valid[b]].tolist()), set(pred_idx[b][pred_valid[b]].tolist())
+        seen, pred = (set(vis_idx[b][vis_valid[b]].tolist()),
+                      set(pred_idx[b][pred_valid[b]].tolist()))
         assert not seen & pred and all(i < n[b] for i in seen | pred)
 
 
 def test_masks_and_noise_per_rank_and_step():
-    """Masks and noise are a pure function of (seed, rank, step): a resumed rank draws what it would
-    have drawn, and two ranks never draw the same (on resume every rank once took rank 0's state)."""
+    ("""Masks and noise are a pure function of (seed, rank, step): a resumed rank draws what """
+     """it would
+    have drawn, and two ranks never draw the same (on resume every rank once took rank 0's """
+     """state).""")
     x, p4, valid = fake_jets()
     args = unit_args()
     a, again = (diffmae.make_batch(x, p4, valid, args, "cpu", 0, 5) for _ in range(2))
@@ -135,7 +142,7 @@ def test_encoder_never_sees_masked_particles():
     enc = lambda b: model.encoder(b["x_vis"], b["vis_valid"])[0][b["vis_valid"]]  # noqa: E731
     torch.testing.assert_close(enc(b1), enc(b2), rtol=0, atol=0)
     assert not torch.equal(b1["x_pred"], b2["x_pred"])              # the targets did change
-    x2[0, vis_idx[0, 0], 0] += 1.0                                   # a visible particle does matter
+    x2[0, vis_idx[0, 0], 0] += 1.0                       # a visible particle does matter
     assert not torch.allclose(enc(b1), enc(diffmae.make_batch(x2, p4, valid, args, "cpu", 0, 1)))
 
 
@@ -160,8 +167,10 @@ def test_diffusion_loss_hand_computed():
     valid = torch.tensor([[True], [False]])                          # second jet's token ignored
     t = torch.tensor([[[0, 999]], [[500, 500]]])                    # (B, P, M=2)
     noise = torch.tensor([[[[0.3, 0.1], [-1.0, 2.0]]], [[[5.0, 5.0], [5.0, 5.0]]]])
-    net = lambda xt, t_, z_: 0.5 * xt                               # noqa: E731  a fixed, known predictor
-    total = 0.0  # by hand: x_t = sqrt(ab) x0 + sqrt(1 - ab) eps ; loss = mean over the 2 draws x 2 features
+    # a fixed, known predictor
+    net = lambda xt, t_, z_: 0.5 * xt                               # noqa: E731
+    # by hand: x_t = sqrt(ab) x0 + sqrt(1 - ab) eps ; loss = mean over the 2 draws x 2 features
+    total = 0.0
     for m, tt in enumerate([0, 999]):
         a = float(ab[tt])
         for f in range(2):
@@ -192,12 +201,14 @@ def test_sampler_recovers_gaussian_with_true_noise_predictor():
                               gen=torch.Generator().manual_seed(0))
     torch.testing.assert_close(s.mean(0), mu, atol=0.06, rtol=0)
     torch.testing.assert_close(s.std(0), sig, rtol=0.05, atol=0)
-    cold = bench_gen.ddpm_sample(gaussian_eps(ab, mu, sig), torch.zeros(100, 1), 3, ab, temperature=0.0)
-    assert float(cold.std(0).max()) < 1e-3                          # temperature scales only the noise
+    cold = bench_gen.ddpm_sample(gaussian_eps(ab, mu, sig), torch.zeros(100, 1), 3, ab,
+                                 temperature=0.0)
+    assert float(cold.std(0).max()) < 1e-3              # temperature scales only the noise
     # an untrained (eps = 0) predictor explodes by 1/sqrt(alpha_bar) ~ 1e4 unless x0 is clipped
     zero = lambda x, t, z: torch.zeros_like(x)                      # noqa: E731
     assert float(bench_gen.ddpm_sample(zero, torch.zeros(50, 1), 3, ab).abs().max()) > 1e3
-    assert float(bench_gen.ddpm_sample(zero, torch.zeros(50, 1), 3, ab, lo=-5.0, hi=5.0).abs().max()) < 6
+    assert float(bench_gen.ddpm_sample(zero, torch.zeros(50, 1), 3, ab, lo=-5.0, hi=5.0)
+                 .abs().max()) < 6
 
 
 def test_all_padded_rows_finite():
@@ -208,9 +219,11 @@ def test_all_padded_rows_finite():
     x[1, :3] = torch.randn(3, 17)
     tokens, _, jet = model.encoder(x, valid)
     assert torch.isfinite(tokens).all() and torch.isfinite(jet).all() and (jet[0] == 0).all()
-    loss = model(**diffmae.make_batch(x.nan_to_num(), torch.zeros(2, 16, 4), valid, args, "cpu", 0, 0))
+    loss = model(**diffmae.make_batch(x.nan_to_num(), torch.zeros(2, 16, 4), valid, args,
+                                      "cpu", 0, 0))
     loss.backward()
-    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all()
+                                        for p in model.parameters() if p.grad is not None)
 
 
 def test_overfits_one_batch():
@@ -232,7 +245,7 @@ def test_no_graph_breaks():
     assert explained.graph_count == 1 and explained.graph_break_count == 0
 
 
-# --- issue 12's items ----------------------------------------------------------------------------------
+# --- issue 12's items ---------------------------------------------------------------------------
 def test_targets_standardised_and_unstandardised_by_the_sampler():
     """Item 11: the loss sees (x - mean) / std; sampling maps back to input units."""
     model, args = tiny_model()
@@ -240,11 +253,13 @@ def test_targets_standardised_and_unstandardised_by_the_sampler():
     b = diffmae.make_batch(*fake_jets(), args, "cpu", 0, 0)
     loss_unit = model(**b)
     model.t_mean[:], model.t_std[:] = mean, std
-    moved = dict(b, x_pred=b["x_pred"] * std + mean)                 # the same targets in input units
+    moved = dict(b, x_pred=b["x_pred"] * std + mean)     # the same targets in input units
     torch.testing.assert_close(model(**moved), loss_unit, rtol=1e-5, atol=1e-6)
-    ab = model.alpha_bar                                             # a denoiser that knows N(0, 1)
-    exact = types.SimpleNamespace(t_mean=mean, t_std=std, alpha_bar=ab, diff=gaussian_eps(ab, torch.zeros(17), torch.ones(17)))
-    s = bench_gen.sample(exact, torch.zeros(6000, 32), torch.Generator().manual_seed(0), steps=50, clip=0)
+    ab = model.alpha_bar                                 # a denoiser that knows N(0, 1)
+    exact = types.SimpleNamespace(t_mean=mean, t_std=std, alpha_bar=ab,
+                                  diff=gaussian_eps(ab, torch.zeros(17), torch.ones(17)))
+    s = bench_gen.sample(exact, torch.zeros(6000, 32), torch.Generator().manual_seed(0),
+                         steps=50, clip=0)
     torch.testing.assert_close(s.mean(0), mean, atol=0.05 * 1.2, rtol=0)
     torch.testing.assert_close(s.std(0), std, rtol=0.06, atol=0)
 
@@ -261,8 +276,10 @@ def test_conditioning_control_on_a_toy():
     names = ["a", "b", "c"]
     results = {}
     for name, net in [("conditional", gaussian_eps(ab, lambda c: c, torch.full((3,), 0.3))),
-                      ("marginal", gaussian_eps(ab, torch.zeros(3), torch.full((3,), math.sqrt(1.09))))]:
-        draw = lambda c: bench_gen.ddpm_sample(net, c, 3, ab, steps=50, gen=torch.Generator().manual_seed(1))  # noqa: E731
+                      ("marginal", gaussian_eps(ab, torch.zeros(3),
+                                                torch.full((3,), math.sqrt(1.09))))]:
+        draw = lambda c: bench_gen.ddpm_sample(  # noqa: E731
+            net, c, 3, ab, steps=50, gen=torch.Generator().manual_seed(1))
         results[name] = bench_gen.compare(true, draw(z), draw(other), names, torch.ones(3))
     for r in results.values():       # the marginal check: as close as other true particles are
         assert all(r[f"w1_{n}"] < 2 * r[f"w1_other_{n}"] + 0.05 for n in names)
@@ -287,19 +304,22 @@ def test_drop_features_default_closes_the_energy_shortcut():
     names = common.FEATURE_NAMES["full"]
     cols = diffmae.encoder_config(diffmae.get_args([]))["input_cols"]
     assert [names[c] for c in cols] == [n for n in names if n not in ("logptrel", "logerel")]
-    assert len(diffmae.encoder_config(diffmae.get_args(["--drop-features", ""]))["input_cols"]) == 17
+    assert len(diffmae.encoder_config(diffmae.get_args(["--drop-features", ""]))
+               ["input_cols"]) == 17
     model, _ = tiny_model()
     x, _, valid = fake_jets()
     x2 = x.clone()
     x2[..., [2, 3]] += 3.0                                           # logptrel, logerel
     x2[..., [2, 3]] *= valid[..., None]
-    torch.testing.assert_close(model.encoder(x, valid)[2], model.encoder(x2, valid)[2], rtol=0, atol=0)
+    torch.testing.assert_close(model.encoder(x, valid)[2], model.encoder(x2, valid)[2],
+                               rtol=0, atol=0)
     with pytest.raises(SystemExit):
         diffmae.get_args(["--drop-features", "logptrel,nonsense"])
 
 
 def test_features_auto_is_kin_on_toptagging():
-    """Item 16: Top Tagging files carry no ID / impact parameters; their 10 columns would be zeros."""
+    ("""Item 16: Top Tagging files carry no ID / impact parameters; their 10 columns would """
+     """be zeros.""")
     assert diffmae.get_args(["--data", "toptagging"]).features == "kin"
     assert diffmae.get_args(["--data", "jetclass"]).features == "full"
     assert diffmae.get_args(["--data", "toptagging", "--features", "full"]).features == "full"
@@ -317,7 +337,8 @@ def test_sizes_follow_the_talk():
 
 
 def test_flags_validated():
-    for bad in (["--mask-ratio", "1.5"], ["--pred-ratio", "0"], ["--pred-ratio", "two"], ["--diff-mul", "0"]):
+    for bad in (["--mask-ratio", "1.5"], ["--pred-ratio", "0"], ["--pred-ratio", "two"],
+                ["--diff-mul", "0"]):
         with pytest.raises(SystemExit):
             diffmae.get_args(bad)
     args = diffmae.get_args(["--preset", "paper", "--mask-ratio", "0.25"])   # explicit flags win
@@ -325,8 +346,9 @@ def test_flags_validated():
         (0.25, "8m", "", "1tok", "schedulefree")
 
 
-# --- whole runs on generated jets --------------------------------------------------------------------
-def test_tiny_run_bitwise_deterministic_checkpoint_and_probe_on_val(tmp_path, tiny_pythia, monkeypatch, capsys):
+# --- whole runs on generated jets ----------------------------------------------------------------
+def test_tiny_run_bitwise_deterministic_checkpoint_and_probe_on_val(tmp_path, tiny_pythia,
+                                                                     monkeypatch, capsys):
     streams = []
     embed = common.embed_stream
 
@@ -338,7 +360,8 @@ def test_tiny_run_bitwise_deterministic_checkpoint_and_probe_on_val(tmp_path, ti
     out = capsys.readouterr().out
     r2 = run(tmp_path / "b", tiny_pythia, "--feature-mix", "--eval-every", "2")
     assert r1 == r2 and math.isfinite(r1["loss"]) and 0 <= r1["probe_acc"] <= 1
-    # item 18: fitted on train, scored on val; a validation line per eval (steps 2, 4, 6) and dt lines
+    # item 18: fitted on train, scored on val; a validation line per eval (steps 2, 4, 6)
+    # and dt lines
     assert streams[:2] == [{"train"}, {"val"}]
     assert out.count("val loss") == 3 and out.count(" ms") == 3 and "scored on 10 val jets" in out
     c1, c2 = (common.load_checkpoint(tmp_path / d / "diffmae.pt") for d in "ab")
@@ -347,7 +370,8 @@ def test_tiny_run_bitwise_deterministic_checkpoint_and_probe_on_val(tmp_path, ti
     args = diffmae.get_args(TINY + ["--feature-mix"])
     sample = common.JetStream("pythia", "train", path=tiny_pythia, n_jets=48, n_max=64,
                               features="full", batch_size=16, shuffle=False, drop_last=False)
-    torch.testing.assert_close(c1["model"]["t_mean"], diffmae.target_stats(sample, args)[0].float())
+    torch.testing.assert_close(c1["model"]["t_mean"],
+                               diffmae.target_stats(sample, args)[0].float())
     assert c1["model"]["t_std"].min() < 0.5 < c1["model"]["t_std"].max()      # not left at 1
     model = diffmae.DiffMAE(c1["encoder_config"], args)
     model.load_state_dict(c1["model"])
@@ -356,23 +380,28 @@ def test_tiny_run_bitwise_deterministic_checkpoint_and_probe_on_val(tmp_path, ti
     enc = diffmae.build_encoder(c1["encoder_config"])
     enc.load_state_dict(c1["encoder"])
     assert diffmae.PAD == "batch" and diffmae.batch_transform(c1["encoder_config"]) is None
-    val = common.JetStream("pythia", "val", path=tiny_pythia, n_max=64, features="full", batch_size=4,
-                           shuffle=False, drop_last=False)
+    val = common.JetStream("pythia", "val", path=tiny_pythia, n_max=64, features="full",
+                           batch_size=4, shuffle=False, drop_last=False)
     batch = next(common.loader(val, torch.device("cpu")))
     tokens, tok_valid, jet = enc(**diffmae.encoder_inputs(batch, c1["encoder_config"]))
-    assert tokens.shape[:2] == tok_valid.shape and jet.shape == (4, 32) and torch.isfinite(jet).all()
+    assert (tokens.shape[:2] == tok_valid.shape and jet.shape == (4, 32)
+            and torch.isfinite(jet).all())
 
 
 def test_paper_preset_runs_20_steps(tmp_path, tiny_pythia):
-    """The talk's recipe on generated jets, 20 steps on CPU. The test shrinks it to --size tiny (the
-    preset's 8m would take minutes here); everything else is the preset's."""
-    r = diffmae.train(diffmae.get_args(["--preset", "paper", "--size", "tiny", "--steps", "20", "--batch-size", "16",
-                                        "--n-jets", "48", "--n-max", "64", "--n-eval", "32", "--device", "cpu",
-                                        "--no-compile", "--data-dir", str(tiny_pythia), "--out", str(tmp_path)]))
+    ("""The talk's recipe on generated jets, 20 steps on CPU. The test shrinks it to --size """
+     """tiny (the
+    preset's 8m would take minutes here); everything else is the preset's.""")
+    r = diffmae.train(diffmae.get_args(["--preset", "paper", "--size", "tiny", "--steps", "20",
+                                        "--batch-size", "16", "--n-jets", "48", "--n-max", "64",
+                                        "--n-eval", "32", "--device", "cpu", "--no-compile",
+                                        "--data-dir", str(tiny_pythia), "--out", str(tmp_path)]))
     ckpt = common.load_checkpoint(tmp_path / "diffmae.pt")
     a = ckpt["args"]
-    assert (a["mask_ratio"], a["pred_ratio"], a["drop_features"], a["diff_mul"]) == (0.125, "1tok", "", 4)
-    assert len(ckpt["encoder_config"]["input_cols"]) == 17 and ckpt["step"] == 20 and math.isfinite(r["loss"])
+    assert (a["mask_ratio"], a["pred_ratio"], a["drop_features"], a["diff_mul"]) == \
+        (0.125, "1tok", "", 4)
+    assert (len(ckpt["encoder_config"]["input_cols"]) == 17 and ckpt["step"] == 20
+            and math.isfinite(r["loss"]))
 
 
 # --- issue 20: the MSE head, schedule-free AdamW, query ranks, the visible frame, refusals ------
@@ -432,7 +461,8 @@ def test_visible_frame_features_do_not_see_the_hidden_particles():
     xb = jet_frame(x0, p4b, valid)
     for frame, same in (("visible", True), ("jet", False)):
         args = unit_args("--frame", frame)
-        a, b = (diffmae.make_batch(xx, pp, valid, args, "cpu", 0, 2) for xx, pp in ((x, p4), (xb, p4b)))
+        a, b = (diffmae.make_batch(xx, pp, valid, args, "cpu", 0, 2)
+                for xx, pp in ((x, p4), (xb, p4b)))
         sel = a["vis_valid"]
         assert torch.equal(a["x_vis"][sel], b["x_vis"][sel]) == same, frame
         assert not torch.equal(a["x_pred"], b["x_pred"])              # the targets did change

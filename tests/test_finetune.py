@@ -368,7 +368,8 @@ def synthetic_jets(n_per_class, classes, seed, n=8, shift=1.5):
 
 
 def synthetic_splits(classes, n_train, **kw):
-    sizes, seeds = dict(train=n_train, val=n_train // 2, test=n_train // 2), dict(train=1, val=2, test=3)
+    sizes, seeds = (dict(train=n_train, val=n_train // 2, test=n_train // 2),
+                    dict(train=1, val=2, test=3))
     return {k: synthetic_jets(sizes[k], classes, seeds[k], **kw) for k in sizes}
 
 
@@ -440,7 +441,8 @@ def build_encoder(cfg):
 def encoder_inputs(batch, cfg):                      # made by the worker transform below
     return dict(feats=batch["feats"], mask=batch["mask"])
 def _transform(batch, slots):                        # numpy, in the loader worker
-    x, valid = np.zeros((len(batch["x"]), slots, 3), np.float32), np.zeros((len(batch["x"]), slots), bool)
+    x, valid = np.zeros((len(batch["x"]), slots, 3), np.float32), \
+np.zeros((len(batch["x"]), slots), bool)
     n = min(slots, batch["x"].shape[1])
     x[:, :n], valid[:, :n] = batch["x"][:, :n, :3], batch["valid"][:, :n]
     return dict(batch, feats=x, mask=valid)
@@ -511,7 +513,8 @@ def test_min_subjets_leaves_other_jets_out_exactly(tiny_ckpt, tmp_path):
     assert len(np.load(tmp_path / "a" / "test_repr.npz")["y"]) == 48
     for jets in splits.values():
         few = jets.valid.sum(1) < 10
-        jets.x[few] = 5 * np.random.default_rng(0).normal(size=jets.x[few].shape) * jets.valid[few][..., None]
+        jets.x[few] = (5 * np.random.default_rng(0).normal(size=jets.x[few].shape)
+                       * jets.valid[few][..., None])
     again = finetune.main(get_args(argv + ["--name", "b"]), splits)
     assert again["per_seed"] == results["per_seed"] and again["history"] == results["history"]
     everything = finetune.main(get_args(argv[:6] + argv[8:] + ["--name", "c"]), splits)

@@ -135,7 +135,8 @@ def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(99), np.random.seed(99), gen.manual_seed(99)
     assert common.resume_from(path, fresh, fresh_opt, {"masks": gen}) == 5
     got = (torch.rand(3), np.random.rand(), torch.rand(2, generator=gen))
-    assert torch.equal(got[0], expect[0]) and got[1] == expect[1] and torch.equal(got[2], expect[2])
+    assert (torch.equal(got[0], expect[0]) and got[1] == expect[1]
+            and torch.equal(got[2], expect[2]))
     for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
         assert torch.equal(a, b)
     assert fresh_opt.state_dict()["state"][0]["step"] == 1

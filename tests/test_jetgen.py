@@ -6,8 +6,8 @@ import uproot
 
 from scripts import jetgen
 
-PART_FLOAT = ["part_px", "part_py", "part_pz", "part_energy", "part_deta", "part_dphi", "part_d0val",
-              "part_d0err", "part_dzval", "part_dzerr", "part_charge"]
+PART_FLOAT = ["part_px", "part_py", "part_pz", "part_energy", "part_deta", "part_dphi",
+              "part_d0val", "part_d0err", "part_dzval", "part_dzerr", "part_charge"]
 PART_INT = ["part_isChargedHadron", "part_isNeutralHadron", "part_isPhoton", "part_isElectron",
             "part_isMuon"]
 JET = ["jet_pt", "jet_eta", "jet_phi", "jet_energy", "jet_nparticles", "jet_sdmass",
@@ -63,7 +63,8 @@ def test_constituents_sum_to_jet_and_conventions(tiny_pythia10):
         pt = np.hypot(flat(a["part_px"]), flat(a["part_py"]))
         eta = np.arcsinh(flat(a["part_pz"]) / pt)
         jeta = np.repeat(ak.to_numpy(a["jet_eta"]), ak.to_numpy(ak.num(a["part_px"])))
-        np.testing.assert_allclose(flat(a["part_deta"]), (eta - jeta) * np.where(jeta < 0, -1, 1), atol=1e-4)
+        np.testing.assert_allclose(flat(a["part_deta"]), (eta - jeta) * np.where(jeta < 0, -1, 1),
+                                   atol=1e-4)
         dphi = flat(a["part_dphi"])
         assert dphi.min() >= -np.pi and dphi.max() < np.pi
         # pT-ordered constituents, exactly one PID flag each, neutrals without impact parameters
@@ -71,9 +72,11 @@ def test_constituents_sum_to_jet_and_conventions(tiny_pythia10):
         assert (np.diff(pt)[np.diff(same_jet) == 0] <= 1e-3).all()
         assert (sum(flat(a[k]) for k in PART_INT) == 1).all()
         neutral = flat(a["part_charge"]) == 0
-        assert (flat(a["part_d0val"])[neutral] == 0).all() and (flat(a["part_d0err"])[neutral] == 0).all()
+        assert ((flat(a["part_d0val"])[neutral] == 0).all()
+                and (flat(a["part_d0err"])[neutral] == 0).all())
         assert (flat(a["part_d0err"])[~neutral] > 0).all()
-        assert ((jet["jet_pt"] >= 500) & (jet["jet_pt"] < 1000) & (np.abs(jet["jet_eta"]) < 2)).all()
+        assert ((jet["jet_pt"] >= 500) & (jet["jet_pt"] < 1000)
+                & (np.abs(jet["jet_eta"]) < 2)).all()
 
 
 def test_truth_matching_masses(tiny_pythia):
@@ -84,7 +87,8 @@ def test_truth_matching_masses(tiny_pythia):
     m_top, m_qcd = np.median(top["jet_sdmass"]), np.median(qcd["jet_sdmass"])
     assert 150 < m_top < 190, m_top
     assert m_qcd < 100, m_qcd
-    assert np.median(top["jet_tau3"] / top["jet_tau2"]) < np.median(qcd["jet_tau3"] / qcd["jet_tau2"])
+    assert (np.median(top["jet_tau3"] / top["jet_tau2"])
+            < np.median(qcd["jet_tau3"] / qcd["jet_tau2"]))
     assert ((top["jet_pt"] >= 550) & (top["jet_pt"] < 650)).all()
 
 
@@ -96,15 +100,19 @@ def test_w_jets_near_w_mass():
 
 
 def test_deterministic_and_resumable(tmp_path):
-    kw = dict(classes=("Zqq",), jets_per_class=10, seed=5, workers=1, preset="jetclass", progress=False)
+    kw = dict(classes=("Zqq",), jets_per_class=10, seed=5, workers=1, preset="jetclass",
+              progress=False)
     paths = jetgen.generate(tmp_path / "a", **kw)
     again = jetgen.generate(tmp_path / "b", **kw)
-    assert [p.relative_to(tmp_path / "a") for p in paths] == [p.relative_to(tmp_path / "b") for p in again]
-    for p, q in zip(paths, again):  # identical arrays (the files differ in uproot's timestamps/UUIDs)
+    assert ([p.relative_to(tmp_path / "a") for p in paths]
+            == [p.relative_to(tmp_path / "b") for p in again])
+    # identical arrays (the files differ in uproot's timestamps/UUIDs)
+    for p, q in zip(paths, again):
         a, b = read(p), read(q)
         for k in a.fields:
             assert a[k].tolist() == b[k].tolist(), k
-    assert jetgen.task_seed(5, "Zqq", 0) != jetgen.task_seed(6, "Zqq", 0) != jetgen.task_seed(5, "Wqq", 0)
+    assert (jetgen.task_seed(5, "Zqq", 0) != jetgen.task_seed(6, "Zqq", 0)
+            != jetgen.task_seed(5, "Wqq", 0))
 
     # resume: nothing rewritten; a deleted file, and only it, comes back with the same content
     mtimes = {p: p.stat().st_mtime_ns for p in paths}
@@ -119,7 +127,8 @@ def test_deterministic_and_resumable(tmp_path):
 
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="preset"):
-        jetgen.generate(tmp_path, classes=("Hbb",), jets_per_class=5, preset="toptagging", progress=False)
+        jetgen.generate(tmp_path, classes=("Hbb",), jets_per_class=5, preset="toptagging",
+                        progress=False)
     with pytest.raises(ValueError, match="split"):
         jetgen.generate(tmp_path, jets_per_class=5, split=(0.5, 0.1, 0.1), progress=False)
     with pytest.raises(SystemExit, match="--classes"):

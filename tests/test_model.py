@@ -10,7 +10,8 @@ import helpers
 
 
 def make_batch(lengths, n=48, in_dim=7, seed=0):
-    """Synthetic jets, valid-first and pT-sorted; padding filled with garbage (even NaN) on purpose."""
+    ("""Synthetic jets, valid-first and pT-sorted; padding filled with garbage (even NaN) on """
+     """purpose.""")
     g = torch.Generator().manual_seed(seed)
     B = len(lengths)
     pt = torch.rand(B, n, generator=g).mul(100).add(1).sort(dim=1, descending=True).values
@@ -98,7 +99,8 @@ def test_trim_batch():
 
 def test_no_graph_breaks():
     torch._dynamo.reset()
-    cfg = common.EncoderConfig(dim=16, heads=2, depth=1, cls_depth=1, pair_dim=(8,), embed_hidden=())
+    cfg = common.EncoderConfig(dim=16, heads=2, depth=1, cls_depth=1, pair_dim=(8,),
+                               embed_hidden=())
     x, valid, p4 = make_batch([5, 16], n=16)
     explain = torch._dynamo.explain(common.Encoder(cfg))(x, valid, p4)
     assert explain.graph_break_count == 0, explain.break_reasons
@@ -137,7 +139,8 @@ def test_metrics_ties():
 def test_metrics_interpolation():
     # descending: 0.9 (S) -> (eps_B 0, eps_S 1/3); tie 0.5 (S, B) -> (1, 2/3); 0.2 (S) -> (1, 1)
     m = common.roc_metrics([0, 1, 1, 1], [0.5, 0.5, 0.9, 0.2])
-    assert m["auc"] == pytest.approx(0.5)       # vs the B jet: S 0.5 ties (1/2), 0.9 wins, 0.2 loses
+    # vs the B jet: S 0.5 ties (1/2), 0.9 wins, 0.2 loses
+    assert m["auc"] == pytest.approx(0.5)
     assert m["acc"] == 0.5                      # predictions 0, 0, 1, 0
     assert m["rej50"] == pytest.approx(2.0)     # halfway along (0, 1/3) -> (1, 2/3): eps_B = 0.5
     assert m["rej30"] == float("inf")           # on the segment (0, 0) -> (0, 1/3)
@@ -180,8 +183,8 @@ def test_pair_bias_triangle_matches_full(model):
 def test_bench_smoke():
     from scripts import bench_train
     rows = bench_train.main(bench_train.get_args(
-        ["--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--size", "small",
-         "--no-weaver", "--no-compile"]))
+        ["--device", "cpu", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+         "--size", "small", "--no-weaver", "--no-compile"]))
     assert len(rows) == 1 and rows[0][4] > 0
 
 

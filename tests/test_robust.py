@@ -435,7 +435,7 @@ def test_resume_with_another_architecture_or_batch_size(tmp_path):
     assert "\n" not in str(e.value)
 
 
-# --- 9. leftovers ---------------------------------------------------------------------------------
+# --- 9. leftovers --------------------------------------------------------------------------------
 
 def test_stale_temporaries_are_removed(tmp_path, tmp_cache):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -486,7 +486,7 @@ def test_cleanup_waits_for_every_rank(monkeypatch):
     assert calls == ["barrier", "destroy"]
 
 
-# --- copied alone, output to files ----------------------------------------------------------------
+# --- copied alone, output to files ---------------------------------------------------------------
 
 def test_pythia_default_without_jetgen_says_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "DATA_DIR", tmp_path / "data")

@@ -82,7 +82,8 @@ def test_two_ranks_two_workers_read_every_jet_once(folder10, tmp_path):
     """2 ranks x 2 workers (the sharding torchrun uses: rank and world size) over one epoch:
     disjoint, and together everything but a tail smaller than one global batch."""
     for epoch in range(2):
-        assert run_forked(_rank_ids, [(r, 2, folder10, epoch, tmp_path) for r in range(2)]) == [0, 0]
+        assert run_forked(_rank_ids,
+                          [(r, 2, folder10, epoch, tmp_path) for r in range(2)]) == [0, 0]
         (n0, a), (n1, b) = (torch.load(tmp_path / f"rank{r}-epoch{epoch}.pt") for r in range(2))
         assert n0 == n1 == len(a) // 64 == len(b) // 64    # the same number of steps
         assert not set(a) & set(b)
@@ -95,7 +96,8 @@ def test_resume_mid_epoch_continues_exactly(folder10, workers):
     full = [(step, ids(b)) for step, _, b in common.train_batches(s, CPU, 2)]
     assert len(full) == 2 * len(s)
     for start in (5, len(s) + 3):
-        resumed = [(step, ids(b)) for step, _, b in common.train_batches(s, CPU, 2, start_step=start)]
+        resumed = [(step, ids(b))
+                   for step, _, b in common.train_batches(s, CPU, 2, start_step=start)]
         assert resumed == full[start:]
 
 
@@ -107,7 +109,8 @@ def test_steps_overrides_epochs(folder10):
 
 def test_stream_and_memory_give_the_same_features(folder10):
     """The streaming path and load_jets (in memory) compute identical features for a jet."""
-    mem = common.load_jets("jetclass", folder10, split="val", n_max=32, features="kin", cache=False)
+    mem = common.load_jets("jetclass", folder10, split="val", n_max=32, features="kin",
+                           cache=False)
     s = stream(folder10, n_max=32, shuffle=False, drop_last=False)
     files = s.files
     seen = 0

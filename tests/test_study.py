@@ -24,7 +24,8 @@ TINY_MODELS = ['jetclr=--dim 16 --depth 1 --cls-depth 1 --heads 2',
 
 def test_aggregate():
     s = study.aggregate([0.8, 0.9, 1.0])
-    assert s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1) and s["n"] == 3  # ddof=1
+    assert (s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1)
+            and s["n"] == 3)  # ddof=1
     one = study.aggregate([0.7])
     assert one["mean"] == 0.7 and math.isnan(one["std"]) and one["n"] == 1
     inf = study.aggregate([2.0, math.inf])
@@ -77,7 +78,8 @@ def test_holm():
 def test_grid_variants():
     v = study.grid_variants("diffmae", study.DEFAULT_SWEEPS["diffmae"])
     settings = [(x["setting"]["mask-ratio"], x["setting"]["pred-ratio"]) for x in v]
-    assert ("0.125", "0.25") not in settings and ("0.25", "0.25") in settings  # pred > mask skipped
+    # pred > mask skipped
+    assert ("0.125", "0.25") not in settings and ("0.25", "0.25") in settings
     assert len(v) == 4 + (0 + 1 + 2 + 3 + 4 - 0)  # 1tok for each mask, then pred <= mask
     assert v[0]["flags"] == ["--mask-ratio", "0.125", "--pred-ratio", "1tok"]
     with pytest.raises(SystemExit):
@@ -102,7 +104,8 @@ def fake_launch(calls, fail_at=None):
         argv = dict(zip(cmd[1::], cmd[2::]))
         script = cmd[0].rsplit("/", 1)[-1][:-3]
         if script != "finetune":
-            torch.save(dict(method=script, encoder_config=dict(dim=8)), f"{argv['--out']}/{script}.pt")
+            torch.save(dict(method=script, encoder_config=dict(dim=8)),
+                       f"{argv['--out']}/{script}.pt")
             return True
         out = log_path.parent
         ckpt, seeds, seed0 = argv["--ckpt"], int(argv["--seeds"]), int(argv["--seed"])
@@ -128,7 +131,8 @@ def fake_launch(calls, fail_at=None):
 
 def fake_args(out, *extra):
     return study.get_args(["--methods", "jetclr,mpm", "--pretrain-data", "pythia",
-                           "--finetune-data", "pythia", "--pretrain-jets", "100,200", "--labels", "10,all",
+                           "--finetune-data", "pythia", "--pretrain-jets", "100,200",
+                           "--labels", "10,all",
                            "--seeds", "3", "--cheap-seeds", "3", "--steps", "2",
                            "--device", "cpu", "--out", str(out), "--tsne-jets", "30", *extra])
 
@@ -152,12 +156,14 @@ def test_study_report_on_fake_runs(tmp_path, monkeypatch):
     assert row["probe"]["mean"] == pytest.approx(0.1002)         # the probes' fake numbers
     for r in saved["rows"]:
         if r["model"] == "mpm":
-            assert r["vs_scratch"]["auc"]["p"] > 0.05 and r["holm_p"] >= r["vs_scratch"]["auc"]["p"]
+            assert (r["vs_scratch"]["auc"]["p"] > 0.05
+                    and r["holm_p"] >= r["vs_scratch"]["auc"]["p"])
     md = (tmp_path / "study.md").read_text()
     assert md.count("| model | pretraining jets |") == 4 and "Holm" in md
     table = md.split("## 10 labels")[1].split("##")[0]
     lines = [ln for ln in table.splitlines() if ln.startswith("| ") and "model" not in ln]
-    assert lines[0].startswith("| scratch_jetclr") and lines[1].startswith("| scratch_mpm")  # scratch first
+    # scratch first
+    assert lines[0].startswith("| scratch_jetclr") and lines[1].startswith("| scratch_mpm")
     assert "0.8010 ± 0.0010" in table and " 3/3 |" in table
     assert "+0.1002 [" in table and table.count("▲") == 2 and "▼" not in table
     assert "- undecided: mpm n=100 at 10 labels; mpm n=200 at 10 labels;" in md
@@ -183,7 +189,8 @@ def test_study_report_on_fake_runs(tmp_path, monkeypatch):
 
 def test_interrupted_study_resumes(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(study, "launch", fake_launch(calls, fail_at=7))  # the 3rd fine-tuning fails
+    # the 3rd fine-tuning fails
+    monkeypatch.setattr(study, "launch", fake_launch(calls, fail_at=7))
     with pytest.raises(SystemExit, match=r"cell finetune/\S+ failed; see .*log\.txt"):
         study.main(fake_args(tmp_path))
     failed = calls[6]
@@ -216,7 +223,8 @@ def test_failing_subprocess_names_cell_and_log(tmp_path):
     script.write_text("import sys\nprint('about to fail')\nsys.exit(3)\n")
     args = fake_args(tmp_path / "out")
     with pytest.raises(SystemExit) as e:
-        study.run_cell(args, "pretrain", "broken_n1", str(script), ["--out", "OUTDIR"], "broken.pt")
+        study.run_cell(args, "pretrain", "broken_n1", str(script), ["--out", "OUTDIR"],
+                       "broken.pt")
     log = tmp_path / "out" / "pretrain" / ".tmp" / "broken_n1" / "log.txt"
     assert str(e.value) == f"study: cell pretrain/broken_n1 failed; see {log}"
     assert "about to fail" in log.read_text()
@@ -232,9 +240,11 @@ def test_failing_subprocess_names_cell_and_log(tmp_path):
 def test_tiny_study_end_to_end(tiny_pythia10, tiny_pythia, tmp_path, capsys):
     """2 methods x 2 sizes x 2 label counts x 2 seeds with the real scripts (in-process: no torch
     import per cell)."""
-    argv = ["--methods", "jetclr,mpm", "--pretrain-data", "pythia", "--pretrain-dir", str(tiny_pythia10),
-            "--finetune-data", "pythia", "--finetune-dir", str(tiny_pythia), "--pretrain-jets", "32,64",
-            "--labels", "20,all", "--seeds", "2", "--steps", "3", "--batch-size", "16", "--n-eval", "10",
+    argv = ["--methods", "jetclr,mpm", "--pretrain-data", "pythia",
+            "--pretrain-dir", str(tiny_pythia10),
+            "--finetune-data", "pythia", "--finetune-dir", str(tiny_pythia),
+            "--pretrain-jets", "32,64", "--labels", "20,all", "--seeds", "2", "--steps", "3",
+            "--batch-size", "16", "--n-eval", "10",
             "--cheap-seeds", "2", "--no-probe", "--device", "cpu", "--in-process",
             "--out", str(tmp_path)]
     argv += [x for m in TINY_MODELS for x in ("--method-args", m)]
