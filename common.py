@@ -546,6 +546,21 @@ def wrap_phi(phi):
     return (phi + np.pi) % (2 * np.pi) - np.pi
 
 
+def kin_columns(pt, energy, deta, dphi, axis_pt, axis_energy):
+    """The five ParT kinematic inputs, unclipped: log pT, log E, log pT/pT_axis, log E/E_axis and
+    the distance to the axis, with ParT's shifts and scales. numpy arrays or torch tensors: the
+    data layer (the jet's axis) and the methods' own frames (jjepa's context, the visible
+    particles of MPM and diffmae, JetCLR's augmented jets) share these constants."""
+    lib = torch if isinstance(pt, torch.Tensor) else np
+    return [
+        (lib.log(pt) - 1.7) * 0.7,
+        (lib.log(energy) - 2.0) * 0.7,
+        (lib.log(pt / axis_pt) + 4.7) * 0.7,
+        (lib.log(energy / axis_energy) + 4.7) * 0.7,
+        (lib.hypot(deta, dphi) - 0.2) * 4.0,
+    ]
+
+
 def axis_of(p4):
     """(pt, eta, phi, E) of summed 4-vectors p4 (..., 4), torch: the axis of a frame."""
     pt = torch.hypot(p4[..., 0], p4[..., 1]).clamp(min=1e-8)
@@ -573,7 +588,7 @@ def refeature(x, p4, valid, axis):
     d = in_frame(p4, axis)  # (B, L, 3)
     pt = torch.hypot(p4[..., 0], p4[..., 1]).clamp(min=1e-8)
     energy = p4[..., 3].clamp(min=1e-8)
-    rel = _kin_columns(pt, energy, d[..., 0], d[..., 1], axis[:, 0:1], axis[:, 3:4])[2:]
+    rel = kin_columns(pt, energy, d[..., 0], d[..., 1], axis[:, 0:1], axis[:, 3:4])[2:]
     rel = torch.stack(rel, -1).clamp(-5, 5)
     new = torch.cat([x[..., :2].float(), rel, x[..., 5:-2].float(), d[..., :2]], -1)
     return torch.where(valid[..., None], new, 0.0).to(x.dtype)
@@ -1767,28 +1782,13 @@ def signed_deta(eta, jet_eta):
     return np.where(jet_eta >= 0, 1.0, -1.0).astype(np.float32) * (eta - jet_eta)
 
 
-def _kin_columns(pt, energy, deta, dphi, axis_pt, axis_energy):
-    """The five ParT kinematic inputs, unclipped: log pT, log E, log pT/pT_axis, log E/E_axis and
-    the distance to the axis, with ParT's shifts and scales. numpy arrays or torch tensors: the
-    data layer (the jet's axis) and the methods' own frames (jjepa's context, the visible
-    particles of MPM and diffmae) share these constants."""
-    lib = torch if isinstance(pt, torch.Tensor) else np
-    return [
-        (lib.log(pt) - 1.7) * 0.7,
-        (lib.log(energy) - 2.0) * 0.7,
-        (lib.log(pt / axis_pt) + 4.7) * 0.7,
-        (lib.log(energy / axis_energy) + 4.7) * 0.7,
-        (lib.hypot(deta, dphi) - 0.2) * 4.0,
-    ]
-
-
 def features_flat(px, py, energy, deta, dphi, jet, extra=None, features="kin"):
     """ParT input recipe for M particles (1-D arrays); jet (M, 4) = (pt, eta, phi, E) of each
     particle's jet; extra: dict of part_charge, part_is*, part_d0val... (M,) for "full"
     (missing ones = not measured = 0). Returns float32 (M, F)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         pt = np.hypot(px, py)
-        kin = _kin_columns(pt, energy, deta, dphi, jet[:, 0], jet[:, 3])
+        kin = kin_columns(pt, energy, deta, dphi, jet[:, 0], jet[:, 3])
     kin = [np.clip(v, -5, 5) for v in kin]  # NaN stays NaN here and becomes 0 below
     if features == "kin":
         cols = kin + [deta, dphi]

@@ -204,9 +204,7 @@ def kin_features(p4, valid, axis=None):
     jet_e = j[:, 3].clamp_min(1e-6)[:, None]
     # ParT's sign convention: deta flips sign for jets at negative eta
     deta, dphi = c[..., 1] * torch.where(axis[:, 0:1] < 0, -1.0, 1.0), c[..., 2]
-    f = torch.stack([(pt.log() - 1.7) * 0.7, (e.log() - 2.0) * 0.7,
-                     ((pt / jet_pt).log() + 4.7) * 0.7, ((e / jet_e).log() + 4.7) * 0.7,
-                     (torch.hypot(deta, dphi) - 0.2) * 4.0], -1)
+    f = torch.stack(common.kin_columns(pt, e, deta, dphi, jet_pt, jet_e), -1)
     f = torch.cat([f.clamp(-5, 5), deta.unsqueeze(-1), dphi.unsqueeze(-1)], -1)
     return torch.where(valid.unsqueeze(-1), f, 0.0)
 
