@@ -1,12 +1,15 @@
 """scripts/study.py: the measures (mean +- std, paired t, Holm), resume without redoing a finished
-cell, a failing cell's one-line error, and a tiny real study end to end.
+cell, a failing cell's one-line error, cells side by side (--jobs), and a tiny real study end to end.
 
 Most tests replace study.launch by a fake program that writes what the scripts write (a
 checkpoint, finetune.py's results.json with history, steps_to_converge and test_repr.npz) in
 milliseconds; the last test runs the real scripts in-process."""
 import json
 import math
+import os
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -95,7 +98,7 @@ def fake_launch(calls, fail_at=None):
     noise) with history and test_repr.npz. fail_at=k: the k-th call leaves a partial folder and
     fails."""
 
-    def launch(cmd, log_path, in_process=False):
+    def launch(cmd, log_path, in_process=False, env=None):
         calls.append(cmd)
         log_path.write_text("fake\n")
         if fail_at is not None and len(calls) == fail_at:
@@ -214,6 +217,51 @@ def test_interrupted_study_resumes(tmp_path, monkeypatch):
     assert calls3 == []
     with pytest.raises(SystemExit, match="was run with another command"):
         study.main(fake_args(tmp_path, "--batch-size", "32"))
+
+
+def test_jobs_run_cells_side_by_side(tmp_path, monkeypatch):
+    """--jobs 3: the same cells and the same report as one at a time, with 3 running at once,
+    each with its share of the cores; a failure stops the queue and a rerun finishes it."""
+    serial = []
+    monkeypatch.setattr(study, "launch", fake_launch(serial))
+    one = study.main(fake_args(tmp_path / "a"))
+    calls, envs, running, peak, lock = [], [], [0], [0], threading.Lock()
+
+    def launch(cmd, log_path, in_process=False, env=None, fake=fake_launch(calls)):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            envs.append(env)
+        time.sleep(0.05)
+        try:
+            return fake(cmd, log_path, in_process)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(study, "launch", launch)
+    three = study.main(fake_args(tmp_path / "b", "--jobs", "3"))
+    assert peak[0] == 3
+    same = [[a.replace(str(tmp_path / "b"), str(tmp_path / "a")) for a in c] for c in calls]
+    assert sorted(same) == sorted(serial)
+    for r1, r3 in zip(one["rows"], three["rows"]):
+        assert (r1["model"], r1["labels"], r1["cell"]) == (r3["model"], r3["labels"], r3["cell"])
+        assert r1["stats"] == r3["stats"] and r1.get("vs_scratch") == r3.get("vs_scratch")
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 3))
+    assert {e["OMP_NUM_THREADS"] for e in envs} == {threads}
+    # the 1st fine-tuning fails: the study stops with its one line, not every cell ran
+    failing = []
+    monkeypatch.setattr(study, "launch", fake_launch(failing, fail_at=5))
+    with pytest.raises(SystemExit, match=r"cell finetune/\S+ failed; see .*log\.txt"):
+        study.main(fake_args(tmp_path / "c", "--jobs", "2"))
+    assert len(failing) < len(serial)
+    rest = []
+    monkeypatch.setattr(study, "launch", fake_launch(rest))
+    again = study.main(fake_args(tmp_path / "c", "--jobs", "2"))
+    assert len(failing) - 1 + len(rest) == len(serial)
+    assert [r["stats"] for r in again["rows"]] == [r["stats"] for r in one["rows"]]
+    with pytest.raises(SystemExit):
+        study.get_args(["--jobs", "2", "--in-process"])
 
 
 def test_failing_subprocess_names_cell_and_log(tmp_path):
