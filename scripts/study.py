@@ -44,20 +44,21 @@ Tagging window with MPI and another seed for fine-tuning (20k train, 2k val, 10k
       --jets-per-class 16000 --split 0.625,0.0625,0.3125 --seed 202 --workers 2
   timeout 90m python -m scripts.study --methods jjepa,jetclr,mpm,diffmae --pretrain-data pythia \
       --pretrain-dir data/study/pre --finetune-data pythia --finetune-dir data/study/ft \
-      --pretrain-jets 10000,50000 --pretrain-steps 2000 --labels 100,1000,10000 --seeds 5 \
+      --pretrain-jets 10000,50000 --pretrain-steps 2000 --labels 100,1000 --seeds 5 \
       --cheap-seeds 10 --finetune-epochs 5 --finetune-min-steps 400 --batch-size 128 \
       --n-val 2000 --n-eval 10000 --device cpu --jobs 2 --out out/study_cpu \
       --method-args jjepa="--dim 32 --depth 2 --n-max 64" \
       --method-args jetclr="--dim 32 --depth 2 --n-max 64" \
       --method-args mpm="--dim 32 --depth 2 --dec-dim 32 --k 128 --kmeans-jets 4000 --n-max 64" \
       --method-args diffmae="--size tiny --n-max 64" --finetune-args "--n-max 64"
-Rerun the last command until it writes study.md: each run is one part of at most 90 minutes,
-and a part cut short loses only its running cells. 8 pretraining runs of 2,000 steps (173-308 s
-each, 33 min); then 12 fine-tuning cells per label count (4 scratch, 8 pretrained) with 10, 10
-and 5 seeds of 400 steps each (about 20 validations on 2,000 jets; a 10-seed cell takes about
-300 s on 2 cores), then as many probe cells (no backward pass). --jobs 2 runs two cells at once
-with one thread each: 2 single-seed runs take 48 s side by side against 35 s for one with 2
-threads, 1.46x the throughput (same test figures, to the digit).
+Rerun the last command until it writes study.md: a run cut short loses only its running cells.
+8 pretraining runs of 2,000 steps (173-308 s each, 33 min); then 12 fine-tuning cells per label
+count (4 scratch, 8 pretrained) of 10 seeds x 400 steps (about 20 validations on 2,000 jets;
+265-320 s for a cell alone on 2 cores), then as many probe cells (no backward pass). --jobs 2
+runs two cells at once with one thread each: 2 single-seed runs take 48 s side by side against
+35 s for one with 2 threads, 1.46x the throughput, with the same test figures to the digit.
+Adding 10000 to --labels (5 seeds there) adds 24 cells to the same --out; the README's study
+stopped at 1,000 labels for time.
 GPU (the real study; see the README for the run time):
   python -m scripts.study --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass \
       --finetune-data toptagging --pretrain-jets 1000000,10000000 \

@@ -1,5 +1,6 @@
 """scripts/study.py: the measures (mean +- std, paired t, Holm), resume without redoing a finished
-cell, a failing cell's one-line error, cells side by side (--jobs), and a tiny real study end to end.
+cell, a failing cell's one-line error, cells side by side (--jobs), and a tiny real study end to
+end.
 
 Most tests replace study.launch by a fake program that writes what the scripts write (a
 checkpoint, finetune.py's results.json with history, steps_to_converge and test_repr.npz) in
@@ -224,7 +225,7 @@ def test_jobs_run_cells_side_by_side(tmp_path, monkeypatch):
     each with its share of the cores; a failure stops the queue and a rerun finishes it."""
     serial = []
     monkeypatch.setattr(study, "launch", fake_launch(serial))
-    one = study.main(fake_args(tmp_path / "a"))
+    one = study.main(fake_args(tmp_path / "a", "--tsne-jets", "0"))
     calls, envs, running, peak, lock = [], [], [0], [0], threading.Lock()
 
     def launch(cmd, log_path, in_process=False, env=None, fake=fake_launch(calls)):
@@ -240,7 +241,7 @@ def test_jobs_run_cells_side_by_side(tmp_path, monkeypatch):
                 running[0] -= 1
 
     monkeypatch.setattr(study, "launch", launch)
-    three = study.main(fake_args(tmp_path / "b", "--jobs", "3"))
+    three = study.main(fake_args(tmp_path / "b", "--jobs", "3", "--tsne-jets", "0"))
     assert peak[0] == 3
     same = [[a.replace(str(tmp_path / "b"), str(tmp_path / "a")) for a in c] for c in calls]
     assert sorted(same) == sorted(serial)
@@ -253,11 +254,11 @@ def test_jobs_run_cells_side_by_side(tmp_path, monkeypatch):
     failing = []
     monkeypatch.setattr(study, "launch", fake_launch(failing, fail_at=5))
     with pytest.raises(SystemExit, match=r"cell finetune/\S+ failed; see .*log\.txt"):
-        study.main(fake_args(tmp_path / "c", "--jobs", "2"))
+        study.main(fake_args(tmp_path / "c", "--jobs", "2", "--tsne-jets", "0"))
     assert len(failing) < len(serial)
     rest = []
     monkeypatch.setattr(study, "launch", fake_launch(rest))
-    again = study.main(fake_args(tmp_path / "c", "--jobs", "2"))
+    again = study.main(fake_args(tmp_path / "c", "--jobs", "2", "--tsne-jets", "0"))
     assert len(failing) - 1 + len(rest) == len(serial)
     assert [r["stats"] for r in again["rows"]] == [r["stats"] for r in one["rows"]]
     with pytest.raises(SystemExit):
