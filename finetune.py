@@ -51,8 +51,8 @@ one-vs-QCD means), mean +- std over --seeds runs. A run "converged" when its bes
 came before the last quarter of its steps.
 
 Writes, under <out>/<name>/: log.jsonl (one line per validation), roc.png (every seed),
-test_repr.npz (z: the encoder's jet vectors (N, C) of the first N_REPR selected test jets, first
-seed, the chosen weights; y: their labels) and, last, results.json:
+test_repr.npz (z: the encoder's jet vectors (N, C) of N_REPR selected test jets drawn at random,
+first seed, the chosen weights; y: their labels) and, last, results.json:
   name, method, ckpt, task, classes (names, label k = classes[k]), n_labels (labelled jets
   asked for), labels ("memory": a subset per seed | "stream": the same for every seed), n_train
   (training jets per epoch), n_val, n_test (jets scored, after --min-subjets), steps, warmup,
@@ -509,11 +509,13 @@ def seed_streams(args, spec, data, seed):
 
 @torch.no_grad()
 def predict(model, stream, s, spec, n_repr=0, split="test"):
-    """One pass over an evaluation stream: class probabilities (N, K), labels (N,) and the jet
-    vectors of the first n_repr jets, of the selected jets (--min-subjets) in the stream's
-    order."""
+    """One pass over an evaluation stream: class probabilities (N, K) and labels (N,) of the
+    selected jets (--min-subjets), and (z, y): the jet vectors and labels of n_repr of them drawn
+    at random (a fixed generator; kept in the stream's order), or None. A stream that reads one
+    class's files after another's would give only one class in its first jets."""
     model.eval()
-    probs, labels, zs, n_z = [], [], [], 0
+    probs, labels, rep = [], [], None
+    draw = torch.Generator().manual_seed(0)
     for batch in common.loader(stream, s.device):
         with s.ctx:
             logits, jet = model(spec["module"].encoder_inputs(batch, spec["cfg"]))
@@ -524,9 +526,13 @@ def predict(model, stream, s, spec, n_repr=0, split="test"):
             raise SystemExit(f"{stream.describe(at)}: a jet of a class the training jets lack")
         probs.append(logits.float().softmax(-1)[keep].cpu())
         labels.append(label[keep].cpu())
-        if n_z < n_repr:
-            zs.append(jet.float()[keep][:n_repr - n_z].cpu())
-            n_z += len(zs[-1])
+        if n_repr:  # keep the n_repr smallest of one uniform random key per jet
+            new = (torch.rand(int(keep.sum()), generator=draw), jet.float()[keep].cpu(),
+                   label[keep].cpu())
+            rep = new if rep is None else tuple(torch.cat(t) for t in zip(rep, new))
+            if len(rep[0]) > n_repr:
+                kept = rep[0].topk(n_repr, largest=False).indices.sort().values
+                rep = tuple(t[kept] for t in rep)
     probs = torch.cat(probs).numpy()
     labels = torch.cat(labels).numpy()
     if len(labels) == 0:
@@ -534,7 +540,7 @@ def predict(model, stream, s, spec, n_repr=0, split="test"):
     if not np.isfinite(probs).all():
         raise SystemExit(f"the model's outputs on the {split} jets are not finite; stopping "
                          "without results")
-    return probs, labels, torch.cat(zs).numpy() if zs else None
+    return probs, labels, None if rep is None else (rep[1].numpy(), rep[2].numpy())
 
 
 def selection_score(metrics, n_classes):
@@ -632,8 +638,8 @@ def run_seed(args, s, seed, spec, data, log, n_repr=0):
           f"validation at step {best_step}{late}")
     raw_model.load_state_dict(best_state)
     precise_bn(raw_model, stats, s, inputs)
-    probs, labels, z = predict(model, data["test"], s, spec, n_repr)
-    return dict(metrics=common.roc_metrics(labels, probs), probs=probs, labels=labels, z=z,
+    probs, labels, rep = predict(model, data["test"], s, spec, n_repr)
+    return dict(metrics=common.roc_metrics(labels, probs), probs=probs, labels=labels, rep=rep,
                 history=history, n_train=n_train, n_val=len(y), steps=total, warmup=warmup,
                 steps_to_converge=best_step, converged=ok, model=raw_model)
 
@@ -735,7 +741,7 @@ def main(args, splits=None):
         converged=[r["converged"] for r in runs],
         git=common.git_hash(), versions=common.versions())
     with open(out / "test_repr.npz.tmp", "wb") as f:
-        np.savez(f, z=runs[0]["z"], y=runs[0]["labels"][:len(runs[0]["z"])])
+        np.savez(f, z=runs[0]["rep"][0], y=runs[0]["rep"][1])
     os.replace(out / "test_repr.npz.tmp", out / "test_repr.npz")
     plot_roc(out / "roc.png", runs[0]["labels"], [r["probs"] for r in runs], spec["classes"])
     common.write_json_atomic(out / "results.json", results)  # last: it means a finished run

@@ -76,7 +76,8 @@ def test_modes_and_heads(tiny_pythia, tiny_ckpt, tmp_path, head):
         assert same(encoder_state(run["model"]), ckpt_encoder) == (mode == "probe"), mode
 
 
-def test_main_writes_results_history_and_repr(tiny_pythia, tiny_ckpt, tmp_path, capsys):
+def test_main_writes_results_history_and_repr(tiny_pythia, tiny_ckpt, tmp_path, capsys,
+                                              monkeypatch):
     argv = ["--ckpt", tiny_ckpt, "--mode", "probe", "--head", "mean", "--seeds", "2",
             "--label-frac", "0.5", "--name", "run", *flags(tiny_pythia, tmp_path)]
     results = finetune.main(get_args(argv))
@@ -113,6 +114,15 @@ def test_main_writes_results_history_and_repr(tiny_pythia, tiny_ckpt, tmp_path, 
     again = finetune.main(get_args(argv[:7] + ["1"] + argv[8:] + ["--overwrite"]))  # seed 0 only
     assert again["per_seed"][0] == results["per_seed"][0]
     assert np.array_equal(np.load(run / "test_repr.npz")["z"], rep["z"])
+    # fewer vectors than test jets: a random draw in the stream's order, not the first jets
+    # (the test files are read one class after the other: the first 4 are all one class)
+    assert len(set(rep["y"][:4].tolist())) == 1
+    monkeypatch.setattr(finetune, "N_REPR", 4)
+    finetune.main(get_args(argv[:7] + ["1"] + argv[8:] + ["--overwrite"]))
+    few = np.load(run / "test_repr.npz")
+    rows = [next(i for i in range(10) if np.array_equal(rep["z"][i], z)) for z in few["z"]]
+    assert rows == sorted(rows) and np.array_equal(few["y"], rep["y"][rows])
+    assert len(few["z"]) == 4 and set(few["y"].tolist()) == {0, 1}
 
 
 def test_labels_in_memory_differ_by_seed_streamed_are_fixed(tiny_pythia, tiny_ckpt, tmp_path,
