@@ -233,7 +233,9 @@ def test_jobs_run_cells_side_by_side(tmp_path, monkeypatch):
             running[0] += 1
             peak[0] = max(peak[0], running[0])
             envs.append(env)
-        time.sleep(0.05)
+        deadline = time.time() + 10   # hold the first cells until 3 run at once
+        while peak[0] < 3 and time.time() < deadline:
+            time.sleep(0.01)
         try:
             return fake(cmd, log_path, in_process)
         finally:
@@ -251,8 +253,14 @@ def test_jobs_run_cells_side_by_side(tmp_path, monkeypatch):
     threads = str(max(1, len(os.sched_getaffinity(0)) // 3))
     assert {e["OMP_NUM_THREADS"] for e in envs} == {threads}
     # the 1st fine-tuning fails: the study stops with its one line, not every cell ran
-    failing = []
-    monkeypatch.setattr(study, "launch", fake_launch(failing, fail_at=5))
+    failing, fake = [], fake_launch([], fail_at=5)
+
+    def counted(cmd, log_path, in_process=False, env=None):  # the fake counts its calls
+        with lock:
+            failing.append(cmd)
+            return fake(cmd, log_path, in_process)
+
+    monkeypatch.setattr(study, "launch", counted)
     with pytest.raises(SystemExit, match=r"cell finetune/\S+ failed; see .*log\.txt"):
         study.main(fake_args(tmp_path / "c", "--jobs", "2", "--tsne-jets", "0"))
     assert len(failing) < len(serial)
