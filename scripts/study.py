@@ -459,25 +459,29 @@ def run_study(args):
     for labels in args.label_counts:
         for s in scratch.values():
             rows.append(dict(model=s["name"], scratch=True, variants=s["variants"],
-                             pretrain_jets=0, labels=labels, ckpt=str(s["ckpt"]),
-                             name=f"{s['name']}_L{labels}"))
+                             pretrain_jets=0, labels=labels, ckpt=str(s["ckpt"])))
         for v in args.variants:
             base = next(s["name"] for s in scratch.values() if v["name"] in s["variants"])
             rows += [dict(model=v["name"], scratch=False, baseline=base, pretrain_jets=n,
-                          labels=labels, setting=v.get("setting"), ckpt=str(ckpts[v["name"], n]),
-                          name=f"{v['name']}_n{n}_L{labels}") for n in args.sizes]
-    done = run_cells(args, [finetune_cell(args, r["name"], r["ckpt"], r["labels"], r["scratch"])
+                          labels=labels, setting=v.get("setting"), ckpt=str(ckpts[v["name"], n]))
+                     for n in args.sizes]
+    done = run_cells(args, [finetune_cell(args, cell_name(r), r["ckpt"], r["labels"], r["scratch"])
                             for r in rows])
     for r, cell in zip(rows, done):
         r["cell"] = str(cell.relative_to(out))
     if args.probe:  # scratch: the random-weights probe
-        done = run_cells(args, [finetune_cell(args, "probe_" + r["name"], r["ckpt"], r["labels"],
-                                              r["scratch"], probe=True) for r in rows])
+        done = run_cells(args, [finetune_cell(args, "probe_" + cell_name(r), r["ckpt"],
+                                              r["labels"], r["scratch"], probe=True)
+                                for r in rows])
         for r, cell in zip(rows, done):
             r["probe_cell"] = str(cell.relative_to(out))
-    for r in rows:
-        del r["name"]
     return rows
+
+
+def cell_name(row):
+    """The fine-tuning cell of a row: <model>_L<labels> for scratch, <model>_n<N>_L<labels>."""
+    size = "" if row["scratch"] else f"_n{row['pretrain_jets']}"
+    return f"{row['model']}{size}_L{row['labels']}"
 
 
 # --- measures: mean +- std; paired differences, t intervals, Holm ------------------------------
