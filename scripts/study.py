@@ -284,6 +284,13 @@ def launch(cmd, log_path, in_process=False, env=None):
     return True
 
 
+def say(line):
+    """Print one line in one write: print() writes the newline apart, so lines of cells that
+    run at once came out joined."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 _TMP_LOCK = threading.Lock()  # cells that run at once share <kind>/.tmp: made and removed here
 
 
@@ -299,14 +306,14 @@ def run_cell(args, kind, name, script, argv, product, env=None):
         if stored.exists() and json.loads(stored.read_text())["cmd"] != record:
             raise SystemExit(f"study: cell {kind}/{name} was run with another command ({stored}); "
                              "use a new --out or delete that cell")
-        print(f"  {kind}/{name}: done, skipped")
+        say(f"  {kind}/{name}: done, skipped")
         return final
     shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted run left behind
     with _TMP_LOCK:
         tmp.mkdir(parents=True)
     cmd = [str(ROOT / script)] + [str(tmp) + a[6:] if a.startswith("OUTDIR") else a for a in argv]
     t0 = time.time()
-    print(f"  {kind}/{name}: python {shlex.join([script] + cmd[1:])}", flush=True)
+    say(f"  {kind}/{name}: python {shlex.join([script] + cmd[1:])}")
     if not launch(cmd, tmp / "log.txt", args.in_process, env) or not (tmp / product).exists():
         raise SystemExit(f"study: cell {kind}/{name} failed; see {tmp / 'log.txt'}")
     (tmp / "cell.json").write_text(json.dumps(dict(cmd=record, seconds=time.time() - t0),
@@ -316,7 +323,7 @@ def run_cell(args, kind, name, script, argv, product, env=None):
     os.replace(tmp, final)
     with _TMP_LOCK, contextlib.suppress(OSError):
         tmp.parent.rmdir()  # .tmp/, once no cell is running
-    print(f"  {kind}/{name}: {time.time() - t0:.0f} s", flush=True)
+    say(f"  {kind}/{name}: {time.time() - t0:.0f} s")
     return final
 
 
