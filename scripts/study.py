@@ -44,7 +44,7 @@ Tagging window with MPI and another seed for fine-tuning (20k train, 2k val, 10k
       --jets-per-class 16000 --split 0.625,0.0625,0.3125 --seed 202 --workers 2
   timeout 90m python -m scripts.study --methods jjepa,jetclr,mpm,diffmae --pretrain-data pythia \
       --pretrain-dir data/study/pre --finetune-data pythia --finetune-dir data/study/ft \
-      --pretrain-jets 10000,50000 --pretrain-steps 2000 --labels 100,1000 --seeds 5 \
+      --pretrain-jets 10000,50000 --pretrain-steps 2000 --labels 100,1000,10000 --seeds 5 \
       --cheap-seeds 10 --finetune-epochs 5 --finetune-min-steps 400 --batch-size 128 \
       --n-val 2000 --n-eval 10000 --device cpu --jobs 2 --out out/study_cpu \
       --method-args jjepa="--dim 32 --depth 2 --n-max 64" \
@@ -53,12 +53,17 @@ Tagging window with MPI and another seed for fine-tuning (20k train, 2k val, 10k
       --method-args diffmae="--size tiny --n-max 64" --finetune-args "--n-max 64"
 Rerun the last command until it writes study.md: a run cut short loses only its running cells.
 8 pretraining runs of 2,000 steps (173-308 s each, 33 min); then 12 fine-tuning cells per label
-count (4 scratch, 8 pretrained) of 10 seeds x 400 steps (about 20 validations on 2,000 jets;
-265-320 s for a cell alone on 2 cores), then as many probe cells (no backward pass). --jobs 2
-runs two cells at once with one thread each: 2 single-seed runs take 48 s side by side against
-35 s for one with 2 threads, 1.46x the throughput, with the same test figures to the digit.
-Adding 10000 to --labels (5 seeds there) adds 24 cells to the same --out; the README's study
-stopped at 1,000 labels for time.
+count (4 scratch, 8 pretrained) of 400 steps per seed (about 20 validations on 2,000 jets), 10
+seeds at 100 and 1,000 labels (265-320 s for a cell alone on 2 cores), 5 at 10,000; then as many
+probe cells (no backward pass through the encoder). --jobs 2 runs two cells at once with one
+thread each: 2 single-seed runs take 48 s side by side against 35 s for one with 2 threads,
+1.46x the throughput. The thread count changes a run's sums in the last bits, and a run that
+overfits 100 labels can grow that into a different result. Rerun with 1 thread instead of 2,
+the 4 scratch cells at 100 labels moved 1 of JetCLR's 10 seeds by +0.015 AUC and 3 of J-JEPA's
+by up to 0.004 (MPM's and diffmae's by < 3e-6); 4 cells rerun with the same 1 thread came out
+bit for bit the same. cell.json records the threads (and GPU) each cell ran with. Two at a time, a fine-tuning
+cell takes 402-585 s at 100 and 1,000 labels and 315-358 s at 10,000, a probe cell 194-387 s;
+the whole study about 4 h 20 min.
 GPU (the real study; see the README for the run time):
   python -m scripts.study --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass \
       --finetune-data toptagging --pretrain-jets 1000000,10000000 \
@@ -291,6 +296,7 @@ def say(line):
     sys.stdout.flush()
 
 
+PINNED = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
 _TMP_LOCK = threading.Lock()  # cells that run at once share <kind>/.tmp: made and removed here
 
 
@@ -316,8 +322,10 @@ def run_cell(args, kind, name, script, argv, product, env=None):
     say(f"  {kind}/{name}: python {shlex.join([script] + cmd[1:])}")
     if not launch(cmd, tmp / "log.txt", args.in_process, env) or not (tmp / product).exists():
         raise SystemExit(f"study: cell {kind}/{name} failed; see {tmp / 'log.txt'}")
-    (tmp / "cell.json").write_text(json.dumps(dict(cmd=record, seconds=time.time() - t0),
-                                              indent=1))
+    # the threads and GPU it ran with: on CPU the figures depend on the thread count (below)
+    pinned = {k: v for k, v in (env or os.environ).items() if k in PINNED}
+    (tmp / "cell.json").write_text(json.dumps(dict(cmd=record, seconds=time.time() - t0,
+                                                   env=pinned), indent=1))
     shutil.rmtree(final, ignore_errors=True)
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, final)
@@ -840,7 +848,9 @@ def plot_gain(args, rows, path):
 
 
 def tsne_map(out, cell, n_jets, seed=0):
-    """2-D t-SNE of a fine-tuning cell's test_repr.npz (cached in tsne/<cell>.npz), or None."""
+    """2-D t-SNE of n_jets drawn at random from a fine-tuning cell's test_repr.npz (cached in
+    tsne/<cell>.npz), or None. Not the first n_jets: the file keeps the stream's order, which
+    reads one class after another."""
     src = Path(out) / cell / "test_repr.npz"
     cache = Path(out) / "tsne" / (Path(cell).name + ".npz")
     if cache.exists():
@@ -850,7 +860,8 @@ def tsne_map(out, cell, n_jets, seed=0):
         return None
     from sklearn.manifold import TSNE
     d = np.load(src)
-    z, y = d["z"][:n_jets], d["y"][:n_jets]
+    pick = np.sort(np.random.default_rng(seed).permutation(len(d["y"]))[:n_jets])
+    z, y = d["z"][pick], d["y"][pick]
     perplexity = min(30.0, max(1.0, (len(z) - 1) / 3))
     xy = TSNE(2, perplexity=perplexity, init="pca",
               random_state=seed).fit_transform(z.astype(np.float64))

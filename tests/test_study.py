@@ -220,6 +220,19 @@ def test_interrupted_study_resumes(tmp_path, monkeypatch):
         study.main(fake_args(tmp_path, "--batch-size", "32"))
 
 
+def test_tsne_draws_jets_at_random(tmp_path):
+    """test_repr.npz keeps the stream's order, one class after the other: the map must draw
+    its jets from the whole file, not take the first ones (which were all of one class)."""
+    cell = tmp_path / "finetune" / "scratch_L100"
+    cell.mkdir(parents=True)
+    y = np.repeat([0, 1], 50)
+    np.savez(cell / "test_repr.npz", z=np.random.default_rng(0).normal(size=(100, 4)) + y[:, None],
+             y=y)
+    xy, got = study.tsne_map(tmp_path, "finetune/scratch_L100", 40)
+    assert xy.shape == (40, 2) and 10 < got.sum() < 30
+    assert (tmp_path / "tsne" / "scratch_L100.npz").exists()  # cached
+
+
 def test_jobs_run_cells_side_by_side(tmp_path, monkeypatch):
     """--jobs 3: the same cells and the same report as one at a time, with 3 running at once,
     each with its share of the cores; a failure stops the queue and a rerun finishes it."""
@@ -252,6 +265,8 @@ def test_jobs_run_cells_side_by_side(tmp_path, monkeypatch):
         assert r1["stats"] == r3["stats"] and r1.get("vs_scratch") == r3.get("vs_scratch")
     threads = str(max(1, len(os.sched_getaffinity(0)) // 3))
     assert {e["OMP_NUM_THREADS"] for e in envs} == {threads}
+    cell = json.loads(next((tmp_path / "b" / "finetune").glob("*/cell.json")).read_text())
+    assert cell["env"]["OMP_NUM_THREADS"] == threads  # the figures depend on it: recorded
     # the 1st fine-tuning fails: the study stops with its one line, not every cell ran
     failing, fake = [], fake_launch([], fail_at=5)
 
