@@ -322,7 +322,7 @@ def run_cell(args, kind, name, script, argv, product, env=None):
     say(f"  {kind}/{name}: python {shlex.join([script] + cmd[1:])}")
     if not launch(cmd, tmp / "log.txt", args.in_process, env) or not (tmp / product).exists():
         raise SystemExit(f"study: cell {kind}/{name} failed; see {tmp / 'log.txt'}")
-    # the threads and GPU it ran with: on CPU the figures depend on the thread count (below)
+    # the threads and GPU it ran with: on CPU the figures depend on the thread count (docstring)
     pinned = {k: v for k, v in (env or os.environ).items() if k in PINNED}
     (tmp / "cell.json").write_text(json.dumps(dict(cmd=record, seconds=time.time() - t0,
                                                    env=pinned), indent=1))
