@@ -849,10 +849,10 @@ def plot_gain(args, rows, path):
 
 def tsne_map(out, cell, n_jets, seed=0):
     """2-D t-SNE of n_jets drawn at random from a fine-tuning cell's test_repr.npz (cached in
-    tsne/<cell>.npz), or None. Not the first n_jets: the file keeps the stream's order, which
-    reads one class after another."""
+    tsne/<cell>_n<n_jets>_s<seed>.npz, so that another draw is not served an old map), or None.
+    Not the first n_jets: the file keeps the stream's order, which reads one class after another."""
     src = Path(out) / cell / "test_repr.npz"
-    cache = Path(out) / "tsne" / (Path(cell).name + ".npz")
+    cache = Path(out) / "tsne" / f"{Path(cell).name}_n{n_jets}_s{seed}.npz"
     if cache.exists():
         d = np.load(cache)
         return d["xy"], d["y"]

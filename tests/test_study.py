@@ -230,7 +230,8 @@ def test_tsne_draws_jets_at_random(tmp_path):
              y=y)
     xy, got = study.tsne_map(tmp_path, "finetune/scratch_L100", 40)
     assert xy.shape == (40, 2) and 10 < got.sum() < 30
-    assert (tmp_path / "tsne" / "scratch_L100.npz").exists()  # cached
+    assert (tmp_path / "tsne" / "scratch_L100_n40_s0.npz").exists()  # cached, by draw
+    assert study.tsne_map(tmp_path, "finetune/scratch_L100", 30)[0].shape == (30, 2)
 
 
 def test_jobs_run_cells_side_by_side(tmp_path, monkeypatch):
