@@ -61,9 +61,10 @@ thread each: 2 single-seed runs take 48 s side by side against 35 s for one with
 overfits 100 labels can grow that into a different result. Rerun with 1 thread instead of 2,
 the 4 scratch cells at 100 labels moved 1 of JetCLR's 10 seeds by +0.015 AUC and 3 of J-JEPA's
 by up to 0.004 (MPM's and diffmae's by < 3e-6); 4 cells rerun with the same 1 thread came out
-bit for bit the same. cell.json records the threads (and GPU) each cell ran with. Two at a
-time, a fine-tuning cell takes 402-585 s at 100 and 1,000 labels and 315-358 s at 10,000, a probe
-cell 194-387 s; the whole study about 4 h 20 min.
+bit for bit the same. cell.json records the thread and GPU settings (OMP/MKL_NUM_THREADS,
+CUDA_VISIBLE_DEVICES) each cell ran with; none recorded means torch's defaults. Two at a time,
+a fine-tuning cell takes 402-585 s at 100 and 1,000 labels and 315-358 s at 10,000, a probe cell
+194-387 s; the whole study about 4 h 20 min.
 GPU (the real study; see the README for the run time):
   python -m scripts.study --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass \
       --finetune-data toptagging --pretrain-jets 1000000,10000000 \
