@@ -45,7 +45,7 @@ Tagging window with MPI and another seed for fine-tuning (20k train, 2k val, 10k
   timeout 90m python -m scripts.study --methods jjepa,jetclr,mpm,diffmae --pretrain-data pythia \
       --pretrain-dir data/study/pre --finetune-data pythia --finetune-dir data/study/ft \
       --pretrain-jets 10000,50000 --pretrain-steps 2000 --labels 100,1000,10000 --seeds 5 \
-      --cheap-seeds 10 --finetune-epochs 5 --finetune-min-steps 400 --batch-size 128 \
+      --cheap-seeds 10 --finetune-epochs 40 --finetune-min-steps 400 --batch-size 128 \
       --n-val 2000 --n-eval 10000 --device cpu --jobs 2 --out out/study_cpu \
       --method-args jjepa="--dim 32 --depth 2 --n-max 64" \
       --method-args jetclr="--dim 32 --depth 2 --n-max 64" \
@@ -53,9 +53,11 @@ Tagging window with MPI and another seed for fine-tuning (20k train, 2k val, 10k
       --method-args diffmae="--size tiny --n-max 64" --finetune-args "--n-max 64"
 Rerun the last command until it writes study.md: a run cut short loses only its running cells.
 8 pretraining runs of 2,000 steps (173-308 s each, 33 min); then 12 fine-tuning cells per label
-count (4 scratch, 8 pretrained) of 400 steps per seed (about 20 validations on 2,000 jets), 10
-seeds at 100 and 1,000 labels (265-320 s for a cell alone on 2 cores), 5 at 10,000; then as many
-probe cells (no backward pass through the encoder). --jobs 2 runs two cells at once with one
+count (4 scratch, 8 pretrained) of max(40 epochs, 400 steps) per seed (about 20 validations on
+2,000 jets): 400 steps at 100 and 1,000 labels (10 seeds; 265-320 s for a cell alone on 2
+cores), 3,160 at 10,000 (5 seeds), where scratch needs about 20 epochs to reach its best
+validation (400 steps, 5 epochs, left every scratch seed short of it); then as many probe cells
+(no backward pass through the encoder). --jobs 2 runs two cells at once with one
 thread each: 2 single-seed runs take 48 s side by side against 35 s for one with 2 threads,
 1.46x the throughput. The thread count changes a run's sums in the last bits, and a run that
 overfits 100 labels can grow that into a different result. Rerun with 1 thread instead of 2,
@@ -63,8 +65,9 @@ the 4 scratch cells at 100 labels moved 1 of JetCLR's 10 seeds by +0.015 AUC and
 by up to 0.004 (MPM's and diffmae's by < 3e-6); 4 cells rerun with the same 1 thread came out
 bit for bit the same. cell.json records the thread and GPU settings (OMP/MKL_NUM_THREADS,
 CUDA_VISIBLE_DEVICES) each cell ran with; none recorded means torch's defaults. Two at a time,
-a fine-tuning cell takes 402-585 s at 100 and 1,000 labels and 315-358 s at 10,000, a probe cell
-194-387 s; the whole study about 4 h 20 min.
+a fine-tuning cell takes 402-585 s at 100 and 1,000 labels and 1,053-1,303 s at 10,000, a probe
+cell 194-387 s at 400 steps; the whole study an estimated 6 to 7 h (the probe cells at 10,000
+labels have not run with 3,160 steps).
 GPU (the real study; see the README for the run time):
   python -m scripts.study --methods jjepa,jetclr,mpm,diffmae --pretrain-data jetclass \
       --finetune-data toptagging --pretrain-jets 1000000,10000000 \
