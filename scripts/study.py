@@ -121,7 +121,8 @@ DEFAULT_SWEEPS = {"diffmae": ["mask-ratio=0.125,0.25,0.5,0.75",
                               "pred-ratio=1tok,0.125,0.25,0.5,0.75"],
                   "mpm": ["style=bert", "order=none,input,head"]}
 # (name, results key, higher is better) of the table's columns
-METRICS = [("acc", "acc", True), ("AUC", "auc", True), ("1/eps_B(0.5)", "rej50", True),
+METRICS = [("acc", "acc", True), ("AUC", "auc", True), ("val AUC", "val_auc", True),
+           ("1/eps_B(0.5)", "rej50", True),
            ("1/eps_B(0.3)", "rej30", True), ("max eps_S/sqrt(eps_B)", "sic", True),
            ("steps to best val", "steps", False)]
 CHEAP_LABELS = 1000  # label counts up to this are cheap to fine-tune: they get --cheap-seeds
@@ -556,6 +557,11 @@ def by_seed(per_seed, seeds, key):
     return {s: r.get(key) for s, r in zip(seeds, per_seed)}
 
 
+def val_auc_at(history, step):
+    """The validation AUC of the weights that were tested: the history's point at `step`."""
+    return next((h["val_auc"] for h in history if h["step"] == step), None)
+
+
 def summarize(out, rows):
     """Fill each row with its seeds' metrics (results.json's `per_seed`, `steps_to_converge`,
     `converged`, `history`) and their aggregates; each pretrained row with its paired
@@ -563,7 +569,8 @@ def summarize(out, rows):
     (`probe`), and the Holm-adjusted p of its AUC (one family per label count)."""
     for r in rows:
         res = json.loads((Path(out) / r["cell"] / "results.json").read_text())
-        per_seed = [dict(s, steps=t) for s, t in zip(res["per_seed"], res["steps_to_converge"])]
+        per_seed = [dict(s, steps=t, val_auc=val_auc_at(h, t))
+                    for s, t, h in zip(res["per_seed"], res["steps_to_converge"], res["history"])]
         r.update(n_train=res.get("n_train"), n_test=res.get("n_test"), per_seed=per_seed,
                  seeds=res["seeds"], history=res["history"], converged=res["converged"],
                  stats={k: aggregate([s.get(k) for s in per_seed]) for _, k, _ in METRICS})
@@ -635,7 +642,7 @@ def scratch_of(rows, row):
 def fmt(s, key):
     if s["n"] == 0:
         return "-"
-    digits = {"acc": 4, "auc": 4, "sic": 2, "steps": 0}.get(key, 1)
+    digits = {"acc": 4, "auc": 4, "val_auc": 4, "sic": 2, "steps": 0}.get(key, 1)
     std = "" if math.isnan(s["std"]) else f" ± {s['std']:.{digits}f}"
     return f"{s['mean']:.{digits}f}{std}"
 
@@ -648,7 +655,7 @@ def fmt_diff(d, key):
     """Paired difference with its 95% interval: '+0.0031 [+0.0012, +0.0050]'."""
     if d["n"] == 0 or math.isnan(d["mean"]):
         return "-"
-    digits = {"acc": 4, "auc": 4, "sic": 2, "steps": 0}.get(key, 1)
+    digits = {"acc": 4, "auc": 4, "val_auc": 4, "sic": 2, "steps": 0}.get(key, 1)
     if math.isnan(d["lo"]):
         return f"{d['mean']:+.{digits}f}"
     return f"{d['mean']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
@@ -689,6 +696,8 @@ def write_markdown(args, rows, path):
              "- The probe column asks whether pretraining learned anything at all, with no "
              "fine-tuning: a linear classifier on the frozen pretrained encoder, minus the same "
              "on the same network with random weights (AUC).",
+             "- val AUC: the validation AUC of the weights that were tested (the best of the "
+             "run). Settings are chosen on it, never on the test columns.",
              "- steps to best val: the step whose validation AUC was best (those weights are "
              "tested); \"converged\" counts the seeds whose best came before the last quarter "
              "of the run (later, more steps might have helped).", ""]

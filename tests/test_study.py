@@ -155,6 +155,7 @@ def test_study_report_on_fake_runs(tmp_path, monkeypatch):
                if r["model"] == "jetclr" and r["pretrain_jets"] == 200 and r["labels"] == 10)
     assert row["stats"]["acc"]["mean"] == pytest.approx(0.801)
     assert row["stats"]["steps"]["mean"] == 2
+    assert row["stats"]["val_auc"]["mean"] == pytest.approx(0.7)  # at step 2, not the last
     gain = row["vs_scratch"]["auc"]
     assert gain["mean"] == pytest.approx(0.1002) and gain["p"] < 1e-4 and row["holm_p"] < 0.05
     assert row["probe"]["mean"] == pytest.approx(0.1002)         # the probes' fake numbers
