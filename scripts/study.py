@@ -190,8 +190,10 @@ def get_args(argv=None):
                         "then measures data diversity, not compute); None: --pretrain-epochs")
     g.add_argument("--finetune-min-steps", type=common.nonneg_int, default=None,
                    help="finetune.py --min-steps, the same for both arms (None: finetune.py's)")
-    g.add_argument("--backbone-lr-scale", type=common.unit, default=None,
-                   help="finetune.py --backbone-lr-scale, both arms (None: finetune.py's)")
+    g.add_argument("--backbone-lr-scale", default=None, metavar="S or METHOD=S,...",
+                   help="finetune.py --backbone-lr-scale, both arms of an architecture: one "
+                        "number for every method, or one per method, e.g. jetclr=1,diffmae=0.1 "
+                        "(a method not named, or None: finetune.py's)")
     g.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="also a linear probe (finetune.py --mode probe --head linear) of every "
                         "pretrained encoder and of its architecture with random weights")
@@ -227,6 +229,16 @@ def get_args(argv=None):
         if not sep or name not in METHODS:
             p.error(f"--method-args {item!r}: write METHOD=\"FLAGS\" with METHOD one of {METHODS}")
         args.extra[name] = args.extra.get(name, []) + shlex.split(flags)
+    args.backbone_lr = {}  # method (None: every method) -> scale
+    for item in (args.backbone_lr_scale or "").split(",") if args.backbone_lr_scale else []:
+        name, sep, value = item.rpartition("=")
+        try:
+            if sep and name not in METHODS:
+                raise ValueError
+            args.backbone_lr[name or None] = common.unit(value)
+        except (ValueError, argparse.ArgumentTypeError):
+            p.error(f"--backbone-lr-scale {args.backbone_lr_scale!r}: give one number in [0, 1] "
+                    f"or METHOD=S pairs separated by commas, METHOD one of {METHODS}")
     if args.grid:
         sweeps = args.sweep or DEFAULT_SWEEPS.get(args.grid)
         if not sweeps:
@@ -383,16 +395,18 @@ def pretrain_argv(args, variant, n):
              "--out", "OUTDIR", *variant["flags"], *args.extra.get(method, [])])
 
 
-def finetune_argv(args, name, ckpt, labels, scratch, probe=False):
+def finetune_argv(args, name, ckpt, labels, scratch, probe=False, method=None):
     """Fine-tuning command; finetune.py writes <out>/<name>/, so out = the cell's parent folder.
-    probe: the linear probe of the encoder (frozen), with the same budget and seeds."""
+    probe: the linear probe of the encoder (frozen), with the same budget and seeds. method: the
+    architecture's method, for its --backbone-lr-scale."""
     mode = "probe" if probe else args.finetune_mode
+    scale = args.backbone_lr.get(method, args.backbone_lr.get(None))
     return (["--ckpt", str(ckpt), *(["--scratch"] if scratch else []), "--mode", mode,
              "--data", args.finetune_data, *opt("--data-dir", args.finetune_dir),
              *([] if labels == "all" else ["--n-labels", str(labels)]),
              "--seeds", str(seeds_at(args, labels)), "--seed", str(args.seed),
              *opt("--epochs", args.finetune_epochs), *opt("--min-steps", args.finetune_min_steps),
-             *opt("--backbone-lr-scale", args.backbone_lr_scale),
+             *opt("--backbone-lr-scale", scale),
              *opt("--steps", args.steps), *opt("--batch-size", args.batch_size),
              *opt("--n-eval", args.n_eval), *opt("--n-val", args.n_val),
              *opt("--workers", args.workers), "--device", args.device,
@@ -400,10 +414,10 @@ def finetune_argv(args, name, ckpt, labels, scratch, probe=False):
              *shlex.split(args.finetune_args), *(["--head", "linear"] if probe else [])])
 
 
-def finetune_cell(args, name, ckpt, labels, scratch, probe=False):
+def finetune_cell(args, name, ckpt, labels, scratch, probe=False, method=None):
     """The cell (kind, name, script, argv, product) of one finetune.py run."""
     return ("finetune", name, "finetune.py",
-            finetune_argv(args, name, ckpt, labels, scratch, probe), "results.json")
+            finetune_argv(args, name, ckpt, labels, scratch, probe, method), "results.json")
 
 
 def cell_env(args, slot):
@@ -473,25 +487,28 @@ def run_study(args):
             # a grid setting that changes the encoder
             if name in {s["name"] for s in scratch.values()}:
                 name = f"scratch_{v['name']}"
-            scratch[arch] = dict(name=name, ckpt=ckpts[v["name"], args.sizes[0]], variants=[])
+            scratch[arch] = dict(name=name, ckpt=ckpts[v["name"], args.sizes[0]], variants=[],
+                                 method=v["method"])
         scratch[arch]["variants"].append(v["name"])
     rows = []
     for labels in args.label_counts:
         for s in scratch.values():
             rows.append(dict(model=s["name"], scratch=True, variants=s["variants"],
-                             pretrain_jets=0, labels=labels, ckpt=str(s["ckpt"])))
+                             method=s["method"], pretrain_jets=0, labels=labels,
+                             ckpt=str(s["ckpt"])))
         for v in args.variants:
             base = next(s["name"] for s in scratch.values() if v["name"] in s["variants"])
-            rows += [dict(model=v["name"], scratch=False, baseline=base, pretrain_jets=n,
-                          labels=labels, setting=v.get("setting"), ckpt=str(ckpts[v["name"], n]))
+            rows += [dict(model=v["name"], scratch=False, baseline=base, method=v["method"],
+                          pretrain_jets=n, labels=labels, setting=v.get("setting"),
+                          ckpt=str(ckpts[v["name"], n]))
                      for n in args.sizes]
-    done = run_cells(args, [finetune_cell(args, cell_name(r), r["ckpt"], r["labels"], r["scratch"])
-                            for r in rows])
+    done = run_cells(args, [finetune_cell(args, cell_name(r), r["ckpt"], r["labels"], r["scratch"],
+                                          method=r["method"]) for r in rows])
     for r, cell in zip(rows, done):
         r["cell"] = str(cell.relative_to(out))
     if args.probe:  # scratch: the random-weights probe
         done = run_cells(args, [finetune_cell(args, "probe_" + cell_name(r), r["ckpt"],
-                                              r["labels"], r["scratch"], probe=True)
+                                              r["labels"], r["scratch"], True, r["method"])
                                 for r in rows])
         for r, cell in zip(rows, done):
             r["probe_cell"] = str(cell.relative_to(out))
@@ -678,7 +695,9 @@ def write_markdown(args, rows, path):
     lines = [f"# Pretraining study: {args.pretrain_data} -> {args.finetune_data}", "",
              f"Pretrained on {args.pretrain_data} ({args.pretrain_dir or 'default folder'}), "
              f"fine-tuned (`--mode {args.finetune_mode}`) on {args.finetune_data} "
-             f"({args.finetune_dir or 'default folder'}); seeds: {seeds}.", "",
+             f"({args.finetune_dir or 'default folder'}); seeds: {seeds}"
+             + (f"; backbone lr scale {args.backbone_lr_scale}" if args.backbone_lr else "")
+             + ".", "",
              "How to read this:",
              "- Scratch is the same network as the pretrained one, started from random weights "
              "(one row per architecture). It is trained with the same steps and settings.",

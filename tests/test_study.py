@@ -192,6 +192,24 @@ def test_study_report_on_fake_runs(tmp_path, monkeypatch):
     assert dm[dm.index("--features") + 1] == "kin"                 # Top Tagging lacks the rest
 
 
+def test_backbone_lr_scale_per_method(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "launch", fake_launch(calls))
+    study.main(fake_args(tmp_path, "--backbone-lr-scale", "jetclr=0.5", "--no-probe"))
+    tuned = [c for c in calls if c[0].endswith("finetune.py")]
+    for c in tuned:  # both arms of jetclr's architecture get it, mpm's keep finetune.py's
+        scale = c[c.index("--backbone-lr-scale") + 1] if "--backbone-lr-scale" in c else None
+        assert scale == ("0.5" if "jetclr" in c[c.index("--name") + 1] else None), c
+    assert sum("--backbone-lr-scale" in c for c in tuned) == 6  # (scratch + 2 sizes) x 2 labels
+    assert "backbone lr scale jetclr=0.5" in (tmp_path / "study.md").read_text()
+    one = study.get_args(["--backbone-lr-scale", "0.1"])
+    argv = study.finetune_argv(one, "x", "c.pt", 100, True, method="mpm")  # one for all
+    assert argv[argv.index("--backbone-lr-scale") + 1] == "0.1"
+    for bad in ("jetclr=2", "foo=0.1", "0.1,x"):
+        with pytest.raises(SystemExit):
+            study.get_args(["--backbone-lr-scale", bad])
+
+
 def test_interrupted_study_resumes(tmp_path, monkeypatch):
     calls = []
     # the 3rd fine-tuning fails
