@@ -230,7 +230,7 @@ def get_args(argv=None):
             p.error(f"--method-args {item!r}: write METHOD=\"FLAGS\" with METHOD one of {METHODS}")
         args.extra[name] = args.extra.get(name, []) + shlex.split(flags)
     args.backbone_lr = {}  # method (None: every method) -> scale
-    for item in (args.backbone_lr_scale or "").split(",") if args.backbone_lr_scale else []:
+    for item in args.backbone_lr_scale.split(",") if args.backbone_lr_scale else []:
         name, sep, value = item.rpartition("=")
         try:
             if sep and name not in METHODS:
