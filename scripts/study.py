@@ -125,6 +125,7 @@ METRICS = [("acc", "acc", True), ("AUC", "auc", True), ("val AUC", "val_auc", Tr
            ("1/eps_B(0.5)", "rej50", True),
            ("1/eps_B(0.3)", "rej30", True), ("max eps_S/sqrt(eps_B)", "sic", True),
            ("steps to best val", "steps", False)]
+DIGITS = {"acc": 4, "auc": 4, "val_auc": 4, "sic": 2, "steps": 0}  # decimals shown; others 1
 CHEAP_LABELS = 1000  # label counts up to this are cheap to fine-tune: they get --cheap-seeds
 # flags a method's pretraining always gets (--method-args come later and override them):
 # J-JEPA's "jet" frame leaks the targets' pT fraction into the context (issue 19 item 6)
@@ -659,7 +660,7 @@ def scratch_of(rows, row):
 def fmt(s, key):
     if s["n"] == 0:
         return "-"
-    digits = {"acc": 4, "auc": 4, "val_auc": 4, "sic": 2, "steps": 0}.get(key, 1)
+    digits = DIGITS.get(key, 1)
     std = "" if math.isnan(s["std"]) else f" ± {s['std']:.{digits}f}"
     return f"{s['mean']:.{digits}f}{std}"
 
@@ -672,7 +673,7 @@ def fmt_diff(d, key):
     """Paired difference with its 95% interval: '+0.0031 [+0.0012, +0.0050]'."""
     if d["n"] == 0 or math.isnan(d["mean"]):
         return "-"
-    digits = {"acc": 4, "auc": 4, "val_auc": 4, "sic": 2, "steps": 0}.get(key, 1)
+    digits = DIGITS.get(key, 1)
     if math.isnan(d["lo"]):
         return f"{d['mean']:+.{digits}f}"
     return f"{d['mean']:+.{digits}f} [{d['lo']:+.{digits}f}, {d['hi']:+.{digits}f}]"
