@@ -180,7 +180,11 @@ def get_args(argv=None):
     g.add_argument("--cheap-seeds", type=common.positive_int, default=10,
                    help=f"seeds at label counts up to {CHEAP_LABELS} (at least --seeds)")
     g.add_argument("--seed", type=common.nonneg_int, default=0,
-                   help="seed of the pretraining and the first fine-tuning")
+                   help="seed of the pretraining, and of the first fine-tuning unless "
+                        "--finetune-seed")
+    g.add_argument("--finetune-seed", type=common.nonneg_int, default=None,
+                   help="seed of the first fine-tuning (None: --seed); another value gives new "
+                        "label subsets and heads on the same pretraining runs")
     g.add_argument("--steps", type=common.positive_int, default=None,
                    help="cap every pretraining and fine-tuning at this many optimizer steps "
                         "(smoke runs)")
@@ -405,7 +409,8 @@ def finetune_argv(args, name, ckpt, labels, scratch, probe=False, method=None):
     return (["--ckpt", str(ckpt), *(["--scratch"] if scratch else []), "--mode", mode,
              "--data", args.finetune_data, *opt("--data-dir", args.finetune_dir),
              *([] if labels == "all" else ["--n-labels", str(labels)]),
-             "--seeds", str(seeds_at(args, labels)), "--seed", str(args.seed),
+             "--seeds", str(seeds_at(args, labels)),
+             "--seed", str(args.seed if args.finetune_seed is None else args.finetune_seed),
              *opt("--epochs", args.finetune_epochs), *opt("--min-steps", args.finetune_min_steps),
              *opt("--backbone-lr-scale", scale),
              *opt("--steps", args.steps), *opt("--batch-size", args.batch_size),

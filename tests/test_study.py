@@ -210,6 +210,18 @@ def test_backbone_lr_scale_per_method(tmp_path, monkeypatch):
             study.get_args(["--backbone-lr-scale", bad])
 
 
+def test_finetune_seed_moves_only_the_finetuning(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "launch", fake_launch(calls))
+    study.main(fake_args(tmp_path, "--finetune-seed", "10", "--no-probe"))
+    seed = lambda c: c[c.index("--seed") + 1]
+    assert {seed(c) for c in calls if c[0].endswith("finetune.py")} == {"10"}
+    assert {seed(c) for c in calls if not c[0].endswith("finetune.py")} == {"0"}
+    default = study.get_args(["--seed", "3"])  # without it, --seed seeds both
+    argv = study.finetune_argv(default, "x", "c.pt", 100, True, method="mpm")
+    assert argv[argv.index("--seed") + 1] == "3"
+
+
 def test_interrupted_study_resumes(tmp_path, monkeypatch):
     calls = []
     # the 3rd fine-tuning fails
