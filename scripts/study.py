@@ -257,6 +257,7 @@ def get_args(argv=None):
             p.error(f"--methods: unknown {bad}; choose from {METHODS}")
         args.variants = [dict(name=m, method=m, flags=[]) for m in names]
     args.finetune_mode = args.finetune_mode or ("probe" if args.grid else "finetune")
+    args.finetune_seed = args.seed if args.finetune_seed is None else args.finetune_seed
     if args.jobs > 1 and args.in_process:
         p.error("--jobs > 1 runs the cells as programs side by side; drop --in-process")
     return args
@@ -410,7 +411,7 @@ def finetune_argv(args, name, ckpt, labels, scratch, probe=False, method=None):
              "--data", args.finetune_data, *opt("--data-dir", args.finetune_dir),
              *([] if labels == "all" else ["--n-labels", str(labels)]),
              "--seeds", str(seeds_at(args, labels)),
-             "--seed", str(args.seed if args.finetune_seed is None else args.finetune_seed),
+             "--seed", str(args.finetune_seed),
              *opt("--epochs", args.finetune_epochs), *opt("--min-steps", args.finetune_min_steps),
              *opt("--backbone-lr-scale", scale),
              *opt("--steps", args.steps), *opt("--batch-size", args.batch_size),
@@ -697,7 +698,8 @@ def verdict(r, level=0.05):
 
 def write_markdown(args, rows, path):
     mark = {1: " ▲", -1: " ▼", 0: ""}
-    seeds = ", ".join(f"{seeds_at(args, n)} at {label_text(n)}" for n in args.label_counts)
+    seeds = (", ".join(f"{seeds_at(args, n)} at {label_text(n)}" for n in args.label_counts)
+             + f", the first {args.finetune_seed}")
     lines = [f"# Pretraining study: {args.pretrain_data} -> {args.finetune_data}", "",
              f"Pretrained on {args.pretrain_data} ({args.pretrain_dir or 'default folder'}), "
              f"fine-tuned (`--mode {args.finetune_mode}`) on {args.finetune_data} "
