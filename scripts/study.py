@@ -698,8 +698,10 @@ def verdict(r, level=0.05):
 
 def write_markdown(args, rows, path):
     mark = {1: " ▲", -1: " ▼", 0: ""}
-    seeds = (", ".join(f"{seeds_at(args, n)} at {label_text(n)}" for n in args.label_counts)
-             + f", the first {args.finetune_seed}")
+    def seed_text(n):  # from the results, which hold the seeds that ran
+        ran = sorted({k for r in rows if r["labels"] == n for k in r["seeds"]})
+        return f"{seeds_at(args, n)} at {label_text(n)}" + (f" ({ran[0]}-{ran[-1]})" if ran else "")
+    seeds = ", ".join(seed_text(n) for n in args.label_counts)
     lines = [f"# Pretraining study: {args.pretrain_data} -> {args.finetune_data}", "",
              f"Pretrained on {args.pretrain_data} ({args.pretrain_dir or 'default folder'}), "
              f"fine-tuned (`--mode {args.finetune_mode}`) on {args.finetune_data} "

@@ -218,7 +218,7 @@ def test_finetune_seed_moves_only_the_finetuning(tmp_path, monkeypatch):
     assert {seed(c) for c in calls if c[0].endswith("finetune.py")} == {"10"}
     assert {seed(c) for c in calls if not c[0].endswith("finetune.py")} == {"0"}
     header = (tmp_path / "study.md").read_text()
-    assert "seeds: 3 at 10 labels, 3 at all labels, the first 10." in header
+    assert "seeds: 3 at 10 labels (10-12), 3 at all labels (10-12)." in header
     default = study.get_args(["--seed", "3"])  # without it, --seed seeds both
     argv = study.finetune_argv(default, "x", "c.pt", 100, True, method="mpm")
     assert argv[argv.index("--seed") + 1] == "3"
