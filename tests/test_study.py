@@ -57,6 +57,38 @@ def test_paired_statistics_match_scipy():
     assert math.isnan(study.paired({0: 1.0, 1: 2.0}, {0: 0.5, 1: 1.5})["p"])  # no spread
 
 
+def test_pair_two_cells(tmp_path, capsys):
+    """scripts.pair: the paired gain of two finetune.py outputs, seed by seed, refusing cells
+    whose seeds drew other jets."""
+    from scripts import pair
+    a = [0.912, 0.931, 0.905, 0.944, 0.921]
+    b = [0.901, 0.902, 0.911, 0.921, 0.903]
+
+    def cell(name, aucs, seeds, **args):
+        d = tmp_path / name
+        d.mkdir()
+        base = dict(data="pythia", data_dir="d", task="supervised", n_labels=100, label_frac=1.0,
+                    n_val=2000, n_eval=10000, backbone_lr_scale=1.0)
+        per_seed = [dict(auc=x, acc=x, rej50=10 * x, rej30=math.inf, sic=x) for x in aucs]
+        (d / "results.json").write_text(json.dumps(dict(
+            name=name, n_labels=100, seeds=seeds, per_seed=per_seed, args={**base, **args})))
+        return str(d)
+
+    pre = cell("pre", a + [0.99], [10, 11, 12, 13, 14, 15], backbone_lr_scale=0.1)
+    assert pair.main([pre, cell("scr", b, [10, 11, 12, 13, 14])]) == 0
+    out = capsys.readouterr().out
+    ref = scipy.stats.ttest_rel(a, b)
+    lo, hi = ref.confidence_interval(0.95)
+    assert "seeds 10-14 (5)" in out and "backbone_lr_scale 0.1 / 1.0" in out
+    assert f"auc   {np.mean(np.subtract(a, b)):+.4f} [{lo:+.4f}, {hi:+.4f}] p {ref.pvalue:.2g}" in out
+    with pytest.raises(SystemExit, match="differ in --n-labels"):
+        pair.main([pre, cell("other", b, [10, 11, 12, 13, 14], n_labels=1000)])
+    with pytest.raises(SystemExit, match="share no seed"):
+        pair.main([pre, cell("far", b, [0, 1, 2, 3, 4])])
+    with pytest.raises(SystemExit, match="nope/results.json not found"):
+        pair.main([pre, str(tmp_path / "nope")])
+
+
 def test_ssl_flattening(tmp_path):
     log = tmp_path / "mpm.jsonl"
     lines = [dict(step=s, val=dict(loss=v)) for s, v in ((25, 3.0), (50, 2.2), (75, 2.02),
