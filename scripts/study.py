@@ -195,10 +195,11 @@ def get_args(argv=None):
                         "then measures data diversity, not compute); None: --pretrain-epochs")
     g.add_argument("--finetune-min-steps", type=common.nonneg_int, default=None,
                    help="finetune.py --min-steps, the same for both arms (None: finetune.py's)")
-    g.add_argument("--backbone-lr-scale", default=None, metavar="S or METHOD=S,...",
+    g.add_argument("--backbone-lr-scale", default=None, metavar="S or METHOD[@LABELS]=S,...",
                    help="finetune.py --backbone-lr-scale, both arms of an architecture: one "
-                        "number for every method, or one per method, e.g. jetclr=1,diffmae=0.1 "
-                        "(a method not named, or None: finetune.py's)")
+                        "number for every method, or one per method, e.g. jetclr=1,diffmae=0.1, "
+                        "and per method and label count, e.g. diffmae@100=0.1 (the most "
+                        "specific applies; a method not named, or None: finetune.py's)")
     g.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
                    help="also a linear probe (finetune.py --mode probe --head linear) of every "
                         "pretrained encoder and of its architecture with random weights")
@@ -234,16 +235,20 @@ def get_args(argv=None):
         if not sep or name not in METHODS:
             p.error(f"--method-args {item!r}: write METHOD=\"FLAGS\" with METHOD one of {METHODS}")
         args.extra[name] = args.extra.get(name, []) + shlex.split(flags)
-    args.backbone_lr = {}  # method (None: every method) -> scale
+    # (method, labels) -> scale; None stands for every method or every label count
+    args.backbone_lr = {}
     for item in args.backbone_lr_scale.split(",") if args.backbone_lr_scale else []:
-        name, sep, value = item.rpartition("=")
+        key, sep, value = item.rpartition("=")
+        name, at, labels = key.partition("@")
         try:
-            if sep and name not in METHODS:
+            if sep and name not in METHODS or at and labels != "all" and int(labels) <= 0:
                 raise ValueError
-            args.backbone_lr[name or None] = common.unit(value)
+            key = (name or None, (labels if labels == "all" else int(labels)) if at else None)
+            args.backbone_lr[key] = common.unit(value)
         except (ValueError, argparse.ArgumentTypeError):
             p.error(f"--backbone-lr-scale {args.backbone_lr_scale!r}: give one number in [0, 1] "
-                    f"or METHOD=S pairs separated by commas, METHOD one of {METHODS}")
+                    "or METHOD=S and METHOD@LABELS=S pairs separated by commas, METHOD one of "
+                    f"{METHODS}")
     if args.grid:
         sweeps = args.sweep or DEFAULT_SWEEPS.get(args.grid)
         if not sweeps:
@@ -406,7 +411,8 @@ def finetune_argv(args, name, ckpt, labels, scratch, probe=False, method=None):
     probe: the linear probe of the encoder (frozen), with the same budget and seeds. method: the
     architecture's method, for its --backbone-lr-scale."""
     mode = "probe" if probe else args.finetune_mode
-    scale = args.backbone_lr.get(method, args.backbone_lr.get(None))
+    scale = next((args.backbone_lr[k] for k in ((method, labels), (method, None), (None, None))
+                  if k in args.backbone_lr), None)
     return (["--ckpt", str(ckpt), *(["--scratch"] if scratch else []), "--mode", mode,
              "--data", args.finetune_data, *opt("--data-dir", args.finetune_dir),
              *([] if labels == "all" else ["--n-labels", str(labels)]),
@@ -951,7 +957,8 @@ def report(args, rows):
     matplotlib.use("Agg")
     out = Path(args.out)
     rows = summarize(out, rows)
-    meta = {k: v for k, v in vars(args).items() if k not in ("sizes", "label_counts", "extra")}
+    meta = {k: v for k, v in vars(args).items()
+            if k not in ("sizes", "label_counts", "extra", "backbone_lr")}  # parsed from flags
     study = dict(args=meta, git=common.git_hash(), versions=common.versions(), rows=rows)
     tmp = out / "study.json.tmp"
     tmp.write_text(json.dumps(study, indent=1, default=str))

@@ -237,7 +237,13 @@ def test_backbone_lr_scale_per_method(tmp_path, monkeypatch):
     one = study.get_args(["--backbone-lr-scale", "0.1"])
     argv = study.finetune_argv(one, "x", "c.pt", 100, True, method="mpm")  # one for all
     assert argv[argv.index("--backbone-lr-scale") + 1] == "0.1"
-    for bad in ("jetclr=2", "foo=0.1", "0.1,x"):
+    # per label count: the most specific setting applies
+    per = study.get_args(["--backbone-lr-scale", "0.5,mpm=0.1,mpm@100=1,diffmae@all=0.2"])
+    scale = lambda m, n: (lambda a: a[a.index("--backbone-lr-scale") + 1])(
+        study.finetune_argv(per, "x", "c.pt", n, False, method=m))
+    assert [scale("mpm", 100), scale("mpm", 1000), scale("jetclr", 100)] == ["1.0", "0.1", "0.5"]
+    assert [scale("diffmae", "all"), scale("diffmae", 100)] == ["0.2", "0.5"]
+    for bad in ("jetclr=2", "foo=0.1", "0.1,x", "mpm@x=0.1", "mpm@0=0.1", "@100=0.1"):
         with pytest.raises(SystemExit):
             study.get_args(["--backbone-lr-scale", bad])
 
