@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from scripts.study import paired
+from scripts.study import by_seed, paired
 
 SAME = ("data", "data_dir", "task", "n_labels", "label_frac", "signal_frac", "min_subjets",
         "n_val", "n_eval", "n_jets")  # what decides seed k's labelled, val and test jets
@@ -31,7 +31,7 @@ def load(cell):
         raise SystemExit(f"pair: {path} not found; give a finetune.py output folder "
                          "(or its results.json)")
     r = json.loads(path.read_text())
-    return r, {m: dict(zip(r["seeds"], [s[m] for s in r["per_seed"]])) for m in METRICS}
+    return r, {m: by_seed(r["per_seed"], r["seeds"], m) for m in METRICS}
 
 
 def main(argv=None):

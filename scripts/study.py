@@ -135,6 +135,11 @@ METHOD_FLAGS = {"jjepa": ["--context-frame", "context"]}
 # --- config ------------------------------------------------------------------------------------
 
 
+def label_count(text):
+    """One entry of --labels: a number of labelled jets, or "all"."""
+    return text if text == "all" else int(text)
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -224,7 +229,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     try:
         args.sizes = sorted({int(n) for n in args.pretrain_jets.split(",")})
-        args.label_counts = sorted({x if x == "all" else int(x) for x in args.labels.split(",")},
+        args.label_counts = sorted({label_count(x) for x in args.labels.split(",")},
                                    key=lambda x: math.inf if x == "all" else x)
     except ValueError:
         p.error(f"--pretrain-jets {args.pretrain_jets!r} / --labels {args.labels!r}: "
@@ -241,10 +246,10 @@ def get_args(argv=None):
         key, sep, value = item.rpartition("=")
         name, at, labels = key.partition("@")
         try:
-            if sep and name not in METHODS or at and labels != "all" and int(labels) <= 0:
+            n = label_count(labels) if at else None
+            if sep and name not in METHODS or at and n != "all" and n <= 0:
                 raise ValueError
-            key = (name or None, (labels if labels == "all" else int(labels)) if at else None)
-            args.backbone_lr[key] = common.unit(value)
+            args.backbone_lr[name or None, n] = common.unit(value)
         except (ValueError, argparse.ArgumentTypeError):
             p.error(f"--backbone-lr-scale {args.backbone_lr_scale!r}: give one number in [0, 1] "
                     "or METHOD=S and METHOD@LABELS=S pairs separated by commas, METHOD one of "
