@@ -139,6 +139,15 @@ def get_args(argv=None):
 
 
 # --- LLaMA-style blocks ----------------------------------------------------------------------
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm in fp32, cast back, as LLaMA normalises. bf16 autocast leaves rms_norm in the
+    input's dtype: the mean square then loses bits, and a bf16 input with the fp32 weight has
+    no fused kernel (torch warns at every call). Without autocast, nn.RMSNorm exactly."""
+
+    def forward(self, x):
+        return super().forward(x.float()).type_as(x)
+
+
 class Block(nn.Module):
     """Pre-norm block: grouped-query attention (`heads` query heads share `kv_heads` key/value
     heads), then a SwiGLU feed-forward. cross=True: the queries attend to a memory only."""
@@ -148,8 +157,8 @@ class Block(nn.Module):
         self.heads = heads
         self.kv_heads = kv_heads
         self.hd = dim // heads
-        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
-        self.norm_mem = nn.RMSNorm(dim) if cross else None
+        self.norm1, self.norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.norm_mem = RMSNorm(dim) if cross else None
         self.q = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(dim, 2 * kv_heads * self.hd, bias=False)
@@ -194,7 +203,7 @@ class Encoder(nn.Module):
         self.embed = nn.Linear(len(cfg["input_cols"]), dim, bias=False)
         self.blocks = nn.ModuleList(Block(dim, cfg["heads"], cfg["kv_heads"])
                                     for _ in range(cfg["depth"]))
-        self.norm = nn.RMSNorm(dim)
+        self.norm = RMSNorm(dim)
 
     def forward(self, x, valid, p4=None, return_layers=False):
         # x (B, N, F) all features, valid (B, N); p4 unused (the features hold the kinematics)
@@ -275,7 +284,7 @@ class Decoder(nn.Module):
         # last layer
         last = F.one_hot(torch.full((depth,), enc_depth - 1), enc_depth).float()
         self.mix = nn.Parameter(last) if feature_mix else None
-        self.norm = nn.RMSNorm(dim)
+        self.norm = RMSNorm(dim)
 
     def forward(self, tokens, layers, mem_valid, rank):
         # tokens (B, Nv, C) final encoder output, layers list of (B, Nv, C), rank (B, P) long

@@ -1,5 +1,6 @@
 import math
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,26 @@ def test_gqa_equals_mha_with_repeated_kv():
     ref = blk.proj((s.softmax(-1) @ v).transpose(1, 2).reshape(3, 5, 32))
     torch.testing.assert_close(blk.attend(x, mem, diffmae.key_mask(valid)), ref,
                                rtol=1e-5, atol=1e-6)
+
+
+def test_rmsnorm_in_fp32_under_autocast():
+    torch.manual_seed(0)
+    norm = diffmae.RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 16) * 30
+    # without autocast: nn.RMSNorm to the bit (checkpoints and CPU runs unchanged)
+    ref = torch.nn.RMSNorm(16)
+    ref.load_state_dict(norm.state_dict())
+    assert torch.equal(norm(x), ref(x))
+    # under bf16 autocast: bf16 out, computed from the fp32 mean square, and no dtype warning
+    xb = x.bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = norm(xb)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, ref(xb.float()).bfloat16())
 
 
 def test_masks_disjoint_and_sized():
