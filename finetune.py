@@ -47,8 +47,9 @@ partial batch of each epoch). About 20 validations per run (or every --eval-ever
 test uses the weights of the best validation (AUC; accuracy for multi-class), and only gives
 the reported numbers: accuracy, AUC, background rejection 1/eps_B at eps_S = 0.5 and 0.3 and
 sic, the best eps_S/sqrt(eps_B) over thresholds that >= 10 background jets pass (multi-class:
-one-vs-QCD means), mean +- std over --seeds runs. A run "converged" when its best validation
-came before the last quarter of its steps.
+one-vs-QCD means), mean +- std over --seeds runs (population std, ddof 0; study.md gives
+the sample std). A run "converged" when its best validation came before the last quarter of
+its steps.
 
 Writes, under <out>/<name>/: log.jsonl (one line per validation), roc.png (every seed),
 test_repr.npz (z: the encoder's jet vectors (N, C) of N_REPR selected test jets drawn at random,
